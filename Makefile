@@ -1,0 +1,23 @@
+# Everything installs from this repository's own files into .venv.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install test demo lint bench
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+
+test: install
+	$(BIN)/python -m pytest tests
+
+lint: install
+	$(BIN)/ruff check moeflow tests bench
+	$(BIN)/ruff format --check moeflow tests bench
+
+demo: install
+	$(BIN)/moeflow generate --prompt "The capital of France is" --max-tokens 32

@@ -1,0 +1,35 @@
+"""Everything one forward step needs besides the weights, passed explicitly through the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..layers.rope import Rotary
+from .batch import StepBatch
+from .kv_cache import KVCache
+
+
+@dataclass
+class ForwardContext:
+    batch: StepBatch
+    cache: KVCache
+    experts: object  # an expert store: fetch(layer, ids) -> [(w13, w2)]
+    rotary: Rotary
+    dtype: torch.dtype
+    top_k: int | None = None  # run fewer (or more) experts than the model's default
+    counts: torch.Tensor | None = None  # [B, n_layers, E] experts chosen per row, filled when given
+    _cos_sin: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def rope(self, x: torch.Tensor) -> torch.Tensor:
+        if self._cos_sin is None:
+            self._cos_sin = self.rotary.cos_sin(self.batch.positions, x.dtype)
+        return self.rotary.apply(x, *self._cos_sin)
+
+    def record(self, layer: int, ids: torch.Tensor) -> None:
+        if self.counts is None:
+            return
+        B, _, E = self.counts.shape
+        rows = self.batch.row_of_token[:, None].expand_as(ids)
+        self.counts[:, layer] += torch.bincount((rows * E + ids).reshape(-1), minlength=B * E).view(B, E)

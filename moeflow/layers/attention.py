@@ -1,0 +1,50 @@
+"""Grouped-query attention over the packed batch (Mixtral, Qwen-MoE, OLMoE)."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.args import AttentionArgs
+from .norm import RMSNorm
+
+
+def attend(q, k, v, batch, scale: float, window: int | None) -> torch.Tensor:
+    """q: [T, h, d] packed; k, v: [B, L, kv, d] per-row caches -> [T, h * dv]."""
+    Q = batch.pad(q).transpose(1, 2)  # [B, h, S, d]
+    K, V = k.transpose(1, 2), v.transpose(1, 2)  # [B, kv, L, d]
+    mask = batch.attn_mask(window)
+    out = F.scaled_dot_product_attention(Q, K, V, attn_mask=mask, scale=scale, enable_gqa=Q.shape[1] != K.shape[1])
+    out = out.transpose(1, 2)  # [B, S, h, dv]
+    return batch.unpad(out.reshape(*out.shape[:2], -1))
+
+
+class Attention(nn.Module):
+    def __init__(self, a: AttentionArgs, hidden: int, norm_eps: float):
+        super().__init__()
+        self.a = a
+        h, kv, d = a.n_heads, a.n_kv_heads, a.head_dim
+        self.q_proj = nn.Linear(hidden, h * d, bias=a.qkv_bias)
+        self.k_proj = nn.Linear(hidden, kv * d, bias=a.qkv_bias)
+        self.v_proj = nn.Linear(hidden, kv * d, bias=a.qkv_bias)
+        self.o_proj = nn.Linear(h * d, hidden, bias=a.o_bias)
+        if a.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(d, norm_eps), RMSNorm(d, norm_eps)
+        elif a.qk_norm == "full":
+            self.q_norm, self.k_norm = RMSNorm(h * d, norm_eps), RMSNorm(kv * d, norm_eps)
+
+    def forward(self, x: torch.Tensor, ctx, layer: int) -> torch.Tensor:
+        a, T = self.a, x.shape[0]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if a.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if a.clip_qkv is not None:
+            q, k, v = (t.clamp(-a.clip_qkv, a.clip_qkv) for t in (q, k, v))
+        q = q.view(T, a.n_heads, a.head_dim)
+        k = k.view(T, a.n_kv_heads, a.head_dim)
+        v = v.view(T, a.n_kv_heads, a.head_dim)
+        if a.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = ctx.rope(q), ctx.rope(k)
+        K, V = ctx.cache.update(layer, ctx.batch, k, v)
+        out = attend(q, K, V, ctx.batch, a.softmax_scale, a.sliding_window)
+        return self.o_proj(out)

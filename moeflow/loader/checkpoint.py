@@ -1,0 +1,107 @@
+"""A Hugging Face checkpoint folder: config.json plus one or many safetensors files.
+
+Headers are checked against file sizes up front, so a truncated download fails at open with the
+file named, not halfway through loading with an opaque error."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import CheckpointError
+
+INDEX = "model.safetensors.index.json"
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+
+
+def safetensors_header(path: Path) -> dict:
+    """Parses the header and checks that the file holds every byte it promises."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path.name} is truncated or not a safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise CheckpointError(f"{path.name} is truncated or not a safetensors file (header of {n} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path.name} has a corrupt safetensors header") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path.name} is truncated: header promises {8 + n + end} bytes, file has {size}")
+    return header
+
+
+class Checkpoint:
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        if not self.path.exists():
+            raise CheckpointError(f"model path does not exist: {self.path}")
+        if not self.path.is_dir():
+            raise CheckpointError(f"model path is not a folder: {self.path}")
+        self.config = read_json(self.path / "config.json", "config.json")
+        self.files = self._shard_files()
+        self._where: dict[str, Path] = {}
+        self.header: dict[str, dict] = {}
+        for f in self.files:
+            for name, meta in safetensors_header(f).items():
+                if name != "__metadata__":
+                    self._where[name] = f
+                    self.header[name] = meta
+        self._handles: dict[Path, object] = {}
+
+    def _shard_files(self) -> list[Path]:
+        index = self.path / INDEX
+        if index.exists():
+            names = sorted(set(read_json(index, INDEX).get("weight_map", {}).values()))
+            missing = [n for n in names if not (self.path / n).exists()]
+            if missing:
+                raise CheckpointError(f"{INDEX} lists missing shard(s): {', '.join(missing)}")
+            files = [self.path / n for n in names]
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"no *.safetensors files in {self.path}")
+        return files
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def nbytes(self, name: str) -> int:
+        start, end = self.header[name]["data_offsets"]
+        return end - start
+
+    def file_of(self, name: str) -> Path:
+        return self._where[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        f = self._where.get(name)
+        if f is None:
+            raise CheckpointError(f"tensor {name} is missing from the checkpoint")
+        handle = self._handles.get(f)
+        if handle is None:
+            try:
+                handle = self._handles[f] = safe_open(str(f), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"cannot read {f.name}: {e}") from None
+        return handle.get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()

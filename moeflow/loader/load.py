@@ -1,0 +1,72 @@
+"""Builds a model on the meta device and streams checkpoint tensors into it: non-expert weights
+become module parameters, expert weights go to the expert store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..errors import CheckpointError
+from ..expert_store import ResidentExperts
+from ..models.args import ModelArgs
+from ..models.registry import parse_args
+from ..models.transformer import CausalLM
+from .checkpoint import Checkpoint
+from .experts import check_shape, layer_experts
+
+# small routing tensors stay fp32 in every compute dtype: expert choice is sensitive to rounding
+_KEEP_FP32 = (".mlp.gate.weight", ".e_score_correction_bias")
+
+
+@dataclass
+class LoadedModel:
+    model: CausalLM
+    experts: ResidentExperts
+    args: ModelArgs
+    checkpoint: Checkpoint
+    path: Path
+
+
+def load(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", progress: bool = True) -> LoadedModel:
+    ckpt = Checkpoint(path)
+    args, fam = parse_args(ckpt.config)
+    with torch.device("meta"):
+        model = CausalLM(args, fam.route(args))
+    canon = {fam.sanitize(k): k for k in ckpt.keys()}
+    names = [n for n, _ in model.named_parameters()]
+    n_steps = len(names) + len(args.moe_layers)
+    with tqdm(total=n_steps, desc="loading", unit="tensor", disable=not progress, leave=False) as bar:
+        state = {}
+        for name, p in model.named_parameters():
+            state[name] = _dense_tensor(ckpt, canon, name, tuple(p.shape), args, dtype, device)
+            bar.update()
+        if args.tie_embeddings:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        model.load_state_dict(state, assign=True, strict=True)
+        experts = _load_experts(ckpt, canon, args, dtype, device, bar)
+    model.eval()
+    return LoadedModel(model=model, experts=experts, args=args, checkpoint=ckpt, path=ckpt.path)
+
+
+def _dense_tensor(ckpt, canon, name, shape, args, dtype, device) -> torch.Tensor | None:
+    if name == "lm_head.weight" and args.tie_embeddings:
+        return None  # filled from the embedding
+    src = canon.get(name)
+    if src is None:
+        raise CheckpointError(f"tensor {name} is missing from the checkpoint")
+    check_shape(src, ckpt.shape(src), shape)
+    want = torch.float32 if name.endswith(_KEEP_FP32) else dtype
+    return ckpt.get(src).to(device=device, dtype=want)
+
+
+def _load_experts(ckpt, canon, args: ModelArgs, dtype, device, bar) -> ResidentExperts:
+    m = args.moe
+    store = ResidentExperts(args.moe_layers, m.n_experts, args.hidden, m.intermediate, dtype, device)
+    for layer in args.moe_layers:
+        for e, gate, up, down in layer_experts(ckpt, canon, layer, m.n_experts, m.intermediate, args.hidden):
+            store.put(layer, e, gate, up, down)
+        bar.update()
+    return store

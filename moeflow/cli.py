@@ -1,0 +1,63 @@
+"""Command line: `moeflow generate`, `moeflow info`. Errors become one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import MoeflowError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint folder (default: the built-in demo model)")
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32, bfloat16, float16")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="moeflow", description="Run Mixture-of-Experts language models.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text from a prompt, streaming to stdout")
+    _add_model_args(g)
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default="The capital of France is", help="raw text prompt")
+    src.add_argument("--chat", metavar="MESSAGE", help="a user message, sent through the chat template")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--experts-top-k", type=int, default=None, help="run K experts per token instead of the model's")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--json", action="store_true", help="print the result as JSON instead of streaming")
+    i = sub.add_parser("info", help="architecture, parameter counts and bytes touched per token")
+    _add_model_args(i)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            from .commands.generate import run
+        else:
+            from .commands.info import run
+        return run(args)
+    except MoeflowError as e:
+        print(f"moeflow: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("moeflow: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+

@@ -1,0 +1,67 @@
+"""`moeflow generate`: streams tokens to stdout, then a one-line summary on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..engine.sampling import SamplingParams
+from ..engine.sequence import RequestOutput
+from ..llm import LLM
+from .format import human
+
+
+def run(a) -> int:
+    params = SamplingParams(
+        max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+        seed=a.seed, stop=a.stop, ignore_eos=a.ignore_eos,
+    )
+    llm = LLM(a.model, dtype=a.dtype, device=a.device, threads=a.threads, max_model_len=a.max_model_len,
+              progress=sys.stderr.isatty())
+    prompt = [{"role": "user", "content": a.chat}] if a.chat else a.prompt
+    llm.engine.top_k = None
+    if a.json:
+        out = llm.generate([prompt] if a.chat else prompt, params, experts_top_k=a.experts_top_k)[0]
+        print(json.dumps(as_dict(out), indent=2))
+        return 0
+    llm._set_top_k(a.experts_top_k)
+    if not a.chat:
+        sys.stdout.write(a.prompt)
+    stream = llm.stream(prompt, params)
+    while True:
+        try:
+            sys.stdout.write(next(stream))
+            sys.stdout.flush()
+        except StopIteration as done:
+            out = done.value
+            break
+    sys.stdout.write("\n")
+    print(summary(out, llm), file=sys.stderr)
+    return 0
+
+
+def summary(out: RequestOutput, llm: LLM) -> str:
+    s = out.stats
+    n_moe = len(llm.args.moe_layers)
+    return (
+        f"--- {len(out.token_ids)} tokens, finish: {out.finish_reason} | "
+        f"prefill {s.prefill_tokens} tok at {s.prefill_tps:.1f} tok/s | decode {s.decode_tps:.1f} tok/s | "
+        f"params {human(s.total_params)} total, {human(s.active_params)} active per token "
+        f"({100 * s.active_params / s.total_params:.1f}%) | experts used {100 * s.active_expert_share:.0f}% "
+        f"of {n_moe}x{llm.args.moe.n_experts}"
+    )
+
+
+def as_dict(out: RequestOutput) -> dict:
+    s = out.stats
+    return {
+        "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+        "prompt_tokens": len(out.prompt_token_ids),
+        "stats": {
+            "prefill_tokens": s.prefill_tokens, "prefill_s": s.prefill_s, "prefill_tps": s.prefill_tps,
+            "decode_tokens": s.decode_tokens, "decode_s": s.decode_s, "decode_tps": s.decode_tps,
+            "total_params": s.total_params, "active_params": s.active_params,
+            "active_expert_share": s.active_expert_share,
+            "expert_counts": s.expert_counts.tolist(),
+        },
+    }

@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--experts-top-k", type=int, default=None, help="run K experts per token instead of the model's")
+    g.add_argument(
+        "--experts-top-k", type=int, default=None, help="run K experts per token instead of the model's"
+    )
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--json", action="store_true", help="print the result as JSON instead of streaming")
     i = sub.add_parser("info", help="architecture, parameter counts and bytes touched per token")
@@ -58,6 +60,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-

@@ -21,7 +21,9 @@ CHAT_TEMPLATE = (
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("MOEFLOW_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "moeflow")
+    root = os.environ.get("MOEFLOW_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", "~/.cache"), "moeflow"
+    )
     return Path(root).expanduser()
 
 
@@ -57,19 +59,37 @@ def build(path: Path, progress: bool = True) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(_corpus(), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token=None,
-                                   pad_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", bos_token=None, pad_token="<|endoftext|>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     steps.update()
     torch.manual_seed(0)
     cfg = AutoConfig.for_model(
-        "qwen3_moe", vocab_size=len(fast), hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=16,
-        num_experts_per_tok=4, norm_topk_prob=True, max_position_embeddings=2048, initializer_range=0.05,
-        eos_token_id=fast.eos_token_id, bos_token_id=None, tie_word_embeddings=False,
+        "qwen3_moe",
+        vocab_size=len(fast),
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_experts=16,
+        num_experts_per_tok=4,
+        norm_topk_prob=True,
+        max_position_embeddings=2048,
+        initializer_range=0.05,
+        eos_token_id=fast.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
     )
     model = AutoModelForCausalLM.from_config(cfg)
     steps.update()

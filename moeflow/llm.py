@@ -14,8 +14,14 @@ from .errors import ConfigError
 from .loader.load import load
 from .tokenizer import apply_chat, encode, load_tokenizer
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -57,9 +63,13 @@ class LLM:
         self.tokenizer = load_tokenizer(self.loaded.path)
         limit = self.args.max_position
         if max_model_len is not None and not 1 < max_model_len <= limit:
-            raise ConfigError(f"max_model_len must be in 2..{limit} (the model's context), got {max_model_len}")
+            raise ConfigError(
+                f"max_model_len must be in 2..{limit} (the model's context), got {max_model_len}"
+            )
         self.max_model_len = max_model_len or min(limit, 4096)
-        self.engine = Engine(self.loaded, self.tokenizer, self.dtype, self.device, self.max_model_len, max_num_seqs)
+        self.engine = Engine(
+            self.loaded, self.tokenizer, self.dtype, self.device, self.max_model_len, max_num_seqs
+        )
 
     def _encode(self, prompt) -> tuple[str | None, list[int]]:
         """A prompt is text, a list of chat messages, or a list of token ids."""

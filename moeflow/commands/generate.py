@@ -13,11 +13,22 @@ from .format import human
 
 def run(a) -> int:
     params = SamplingParams(
-        max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-        seed=a.seed, stop=a.stop, ignore_eos=a.ignore_eos,
+        max_tokens=a.max_tokens,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        seed=a.seed,
+        stop=a.stop,
+        ignore_eos=a.ignore_eos,
     )
-    llm = LLM(a.model, dtype=a.dtype, device=a.device, threads=a.threads, max_model_len=a.max_model_len,
-              progress=sys.stderr.isatty())
+    llm = LLM(
+        a.model,
+        dtype=a.dtype,
+        device=a.device,
+        threads=a.threads,
+        max_model_len=a.max_model_len,
+        progress=sys.stderr.isatty(),
+    )
     prompt = [{"role": "user", "content": a.chat}] if a.chat else a.prompt
     llm.engine.top_k = None
     if a.json:
@@ -55,12 +66,19 @@ def summary(out: RequestOutput, llm: LLM) -> str:
 def as_dict(out: RequestOutput) -> dict:
     s = out.stats
     return {
-        "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+        "text": out.text,
+        "token_ids": out.token_ids,
+        "finish_reason": out.finish_reason,
         "prompt_tokens": len(out.prompt_token_ids),
         "stats": {
-            "prefill_tokens": s.prefill_tokens, "prefill_s": s.prefill_s, "prefill_tps": s.prefill_tps,
-            "decode_tokens": s.decode_tokens, "decode_s": s.decode_s, "decode_tps": s.decode_tps,
-            "total_params": s.total_params, "active_params": s.active_params,
+            "prefill_tokens": s.prefill_tokens,
+            "prefill_s": s.prefill_s,
+            "prefill_tps": s.prefill_tps,
+            "decode_tokens": s.decode_tokens,
+            "decode_s": s.decode_s,
+            "decode_tps": s.decode_tps,
+            "total_params": s.total_params,
+            "active_params": s.active_params,
             "active_expert_share": s.active_expert_share,
             "expert_counts": s.expert_counts.tolist(),
         },

@@ -25,7 +25,8 @@ def run(a) -> int:
     on_disk = sum(ckpt.nbytes(k) for k in ckpt.keys())
     lines = [
         f"model        {ckpt.path}",
-        f"family       {args.model_type}  ({args.n_layers} layers, hidden {args.hidden}, vocab {args.vocab_size})",
+        f"family       {args.model_type}  "
+        f"({args.n_layers} layers, hidden {args.hidden}, vocab {args.vocab_size})",
         f"attention    {_attention(at)}",
         f"moe          {m.n_experts} experts x {m.intermediate} wide, top-{m.top_k}, {_routing(m)}",
         f"moe layers   {len(args.moe_layers)} of {args.n_layers}"
@@ -45,9 +46,11 @@ def run(a) -> int:
 def _attention(at) -> str:
     if at.kind == "mla":
         q = f"q LoRA {at.q_lora_rank}" if at.q_lora_rank else "full q"
-        return f"latent (MLA), {at.n_heads} heads, kv LoRA {at.kv_lora_rank}, {q}, rope dim {at.qk_rope_head_dim}"
+        rope = f"rope dim {at.qk_rope_head_dim}"
+        return f"latent (MLA), {at.n_heads} heads, kv LoRA {at.kv_lora_rank}, {q}, {rope}"
     extra = "" if at.qk_norm == "none" else f", qk-norm {at.qk_norm}"
-    return f"GQA {at.n_heads}/{at.n_kv_heads} heads x {at.head_dim}{extra}, rope {at.rope.kind} theta {at.rope.theta:g}"
+    rope = f"rope {at.rope.kind} theta {at.rope.theta:g}"
+    return f"GQA {at.n_heads}/{at.n_kv_heads} heads x {at.head_dim}{extra}, {rope}"
 
 
 def _routing(m) -> str:

@@ -54,7 +54,9 @@ class Engine:
             )
         bad = [t for t in prompt_ids if not 0 <= t < self.args.vocab_size]
         if bad:
-            raise PromptError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.args.vocab_size - 1})")
+            raise PromptError(
+                f"prompt token id {bad[0]} is outside the vocabulary (0..{self.args.vocab_size - 1})"
+            )
         eos = set() if params.ignore_eos else set(self.args.eos_token_ids) | self._tokenizer_eos()
         seq = Sequence(
             request_id=next(self._ids),

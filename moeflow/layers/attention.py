@@ -13,7 +13,9 @@ def attend(q, k, v, batch, scale: float, window: int | None) -> torch.Tensor:
     Q = batch.pad(q).transpose(1, 2)  # [B, h, S, d]
     K, V = k.transpose(1, 2), v.transpose(1, 2)  # [B, kv, L, d]
     mask = batch.attn_mask(window)
-    out = F.scaled_dot_product_attention(Q, K, V, attn_mask=mask, scale=scale, enable_gqa=Q.shape[1] != K.shape[1])
+    out = F.scaled_dot_product_attention(
+        Q, K, V, attn_mask=mask, scale=scale, enable_gqa=Q.shape[1] != K.shape[1]
+    )
     out = out.transpose(1, 2)  # [B, S, h, dv]
     return batch.unpad(out.reshape(*out.shape[:2], -1))
 

@@ -34,7 +34,9 @@ class MoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx, layer: int) -> torch.Tensor:
         logits = self.gate(x)
-        extra = {} if self.gate.e_score_correction_bias is None else {"bias": self.gate.e_score_correction_bias}
+        extra = (
+            {} if self.gate.e_score_correction_bias is None else {"bias": self.gate.e_score_correction_bias}
+        )
         weights, ids = self.route(logits, top_k=ctx.top_k or self.m.top_k, **extra)
         ctx.record(layer, ids)
         out = run_experts(x, weights, ids, lambda active: ctx.experts.fetch(layer, active))

@@ -42,7 +42,9 @@ def safetensors_header(path: Path) -> dict:
             raise CheckpointError(f"{path.name} has a corrupt safetensors header") from None
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
-        raise CheckpointError(f"{path.name} is truncated: header promises {8 + n + end} bytes, file has {size}")
+        raise CheckpointError(
+            f"{path.name} is truncated: header promises {8 + n + end} bytes, file has {size}"
+        )
     return header
 
 

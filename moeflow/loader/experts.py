@@ -17,7 +17,9 @@ def check_shape(name: str, got: tuple, want: tuple) -> None:
         raise CheckpointError(f"tensor {name} has shape {tuple(got)}, expected {tuple(want)}")
 
 
-def layer_experts(ckpt: Checkpoint, canon: dict[str, str], layer: int, E: int, I: int, H: int) -> Iterator[Expert]:
+def layer_experts(
+    ckpt: Checkpoint, canon: dict[str, str], layer: int, E: int, I: int, H: int
+) -> Iterator[Expert]:
     prefix = f"model.layers.{layer}.mlp.experts"
     if f"{prefix}.gate_up_proj" in canon:
         yield from _fused(ckpt, canon, prefix, E, I, H)

@@ -30,7 +30,9 @@ class LoadedModel:
     path: Path
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", progress: bool = True) -> LoadedModel:
+def load(
+    path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", progress: bool = True
+) -> LoadedModel:
     ckpt = Checkpoint(path)
     args, fam = parse_args(ckpt.config)
     with torch.device("meta"):

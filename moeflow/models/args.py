@@ -80,7 +80,8 @@ class AttentionArgs:
         _positive("num_key_value_heads", self.n_kv_heads)
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
-                f"num_attention_heads ({self.n_heads}) must be a multiple of num_key_value_heads ({self.n_kv_heads})"
+                f"num_attention_heads ({self.n_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.n_kv_heads})"
             )
         if self.kind == "mla":
             _positive("kv_lora_rank", self.kv_lora_rank)
@@ -122,7 +123,9 @@ class MoEArgs:
         if not 0 < self.top_k <= self.n_experts:
             raise ConfigError(f"num_experts_per_tok must be in 1..{self.n_experts}, got {self.top_k}")
         if self.n_experts % self.n_group:
-            raise ConfigError(f"n_group ({self.n_group}) must divide the number of experts ({self.n_experts})")
+            raise ConfigError(
+                f"n_group ({self.n_group}) must divide the number of experts ({self.n_experts})"
+            )
         if not 0 < self.topk_group <= self.n_group:
             raise ConfigError(f"topk_group must be in 1..n_group ({self.n_group}), got {self.topk_group}")
 

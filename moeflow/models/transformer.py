@@ -22,7 +22,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden, args.norm_eps)
         self.is_moe = args.is_moe(idx)
-        self.mlp = MoEBlock(args.moe, args.hidden, route) if self.is_moe else MLP(args.hidden, args.intermediate)
+        self.mlp = (
+            MoEBlock(args.moe, args.hidden, route) if self.is_moe else MLP(args.hidden, args.intermediate)
+        )
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx, self.idx)

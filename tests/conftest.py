@@ -1,0 +1,34 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import build_reference, save
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(name, fused=False) -> (folder, reference model); built once per session."""
+    made: dict = {}
+
+    def get(name: str, fused: bool = False):
+        key = (name, fused)
+        if key not in made:
+            ref = build_reference(name)
+            folder = tmp_path_factory.mktemp(f"{name}-{'fused' if fused else 'split'}")
+            made[key] = (save(ref, Path(folder), fused), ref)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def default_model(tmp_path_factory):
+    """The built-in default model (has a tokenizer and chat template), built once in a temp cache."""
+    from moeflow.default_model import default_model_path
+
+    cache = tmp_path_factory.mktemp("moeflow-cache")
+    os.environ["MOEFLOW_CACHE"] = str(cache)
+    return default_model_path(progress=False)

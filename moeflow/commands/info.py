@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..llm import resolve_dtype
@@ -23,6 +24,7 @@ def run(a) -> int:
     at, m = args.attention, args.moe
     expert_names = [k for k in ckpt.keys() if ".experts." in fam.sanitize(k)]
     on_disk = sum(ckpt.nbytes(k) for k in ckpt.keys())
+    expert_bytes = sum(ckpt.nbytes(k) for k in expert_names)
     lines = [
         f"model        {ckpt.path}",
         f"family       {args.model_type}  "
@@ -37,10 +39,19 @@ def run(a) -> int:
         f"per token    {human(pc.touched_per_token() * nbytes, 'B')} of weights read at batch 1 in {a.dtype} "
         f"(all non-expert weights but the embedding table, plus {m.top_k} experts per MoE layer)",
         f"on disk      {human(on_disk, 'B')} in {len(ckpt.files)} file(s)",
-        f"experts      {len(expert_names)} tensors, e.g. {', '.join(expert_names[:3])}",
+        f"experts      {len(expert_names)} tensors ({human(expert_bytes, 'B')} on disk): "
+        + "; ".join(_patterns(expert_names)),
     ]
     print("\n".join(lines))
     return 0
+
+
+def _patterns(names: list[str]) -> list[str]:
+    """Collapses layer and expert numbers: model.layers.{L}.mlp.experts.{E}.up_proj.weight"""
+    out = {
+        re.sub(r"experts\.\d+\.", "experts.{E}.", re.sub(r"layers\.\d+\.", "layers.{L}.", n)) for n in names
+    }
+    return sorted(out)
 
 
 def _attention(at) -> str:

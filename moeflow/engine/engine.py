@@ -114,12 +114,13 @@ class Engine:
         seqs = list(self.running)
         rows = [self._next_input(s) for s in seqs]
         batch = StepBatch.build(rows, [s.n_cached for s in seqs], [s.slot for s in seqs], self.device)
-        counts = torch.zeros(len(seqs), self.args.n_layers, self.args.moe.n_experts, dtype=torch.long)
+        shape = (len(seqs), self.args.n_layers, self.args.moe.n_experts)
+        counts = torch.zeros(shape, dtype=torch.long, device=self.device)
         ctx = ForwardContext(batch, self.cache, self.m.experts, self.rotary, self.dtype, self.top_k, counts)
         t0 = time.perf_counter()
-        logits = self.m.model(ctx)
+        logits = self.m.model(ctx).cpu()  # sampling and bookkeeping run on the host
         dt = time.perf_counter() - t0
-        counts = counts.numpy()
+        counts = counts.cpu().numpy()
         produced = []
         for i, (s, row) in enumerate(zip(seqs, rows)):
             s.counts += counts[i]

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.args import AttentionArgs
+from .linear import Linear
 from .norm import RMSNorm
 
 
@@ -25,10 +26,10 @@ class Attention(nn.Module):
         super().__init__()
         self.a = a
         h, kv, d = a.n_heads, a.n_kv_heads, a.head_dim
-        self.q_proj = nn.Linear(hidden, h * d, bias=a.qkv_bias)
-        self.k_proj = nn.Linear(hidden, kv * d, bias=a.qkv_bias)
-        self.v_proj = nn.Linear(hidden, kv * d, bias=a.qkv_bias)
-        self.o_proj = nn.Linear(h * d, hidden, bias=a.o_bias)
+        self.q_proj = Linear(hidden, h * d, bias=a.qkv_bias)
+        self.k_proj = Linear(hidden, kv * d, bias=a.qkv_bias)
+        self.v_proj = Linear(hidden, kv * d, bias=a.qkv_bias)
+        self.o_proj = Linear(h * d, hidden, bias=a.o_bias)
         if a.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(d, norm_eps), RMSNorm(d, norm_eps)
         elif a.qk_norm == "full":

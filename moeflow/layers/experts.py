@@ -5,17 +5,11 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..kernels import moe_token_usable, native_moe_token
+from .linear import linear
+
 # fetch(expert ids) -> [(w13 [2I, H], w2 [H, I])] in the same order; the store decides where they come from
 Fetch = Callable[[Sequence[int]], Sequence[tuple[torch.Tensor, torch.Tensor]]]
-
-# bf16 GEMM with many rows is several times slower than fp32 on CPUs without AMX: upcast such blocks
-_UPCAST_ROWS = 16
-
-
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    if x.dtype != torch.float32 and x.device.type == "cpu" and x.shape[0] >= _UPCAST_ROWS:
-        return F.linear(x.float(), w.float()).to(x.dtype)
-    return F.linear(x, w)
 
 
 def swiglu_expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -44,8 +38,11 @@ def run_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fetch
 
 
 def _single_token(x: torch.Tensor, w: torch.Tensor, ids: list[int], fetch: Fetch) -> torch.Tensor:
+    experts = fetch(ids)
+    if moe_token_usable(x, experts[0][0]):
+        return native_moe_token(x, w, experts).to(x.dtype)  # one fused kernel call for the layer
     out = torch.zeros_like(x)
     scale = w.to(x.dtype)
-    for k, (w13, w2) in enumerate(fetch(ids)):
+    for k, (w13, w2) in enumerate(experts):
         out.add_(swiglu_expert(x, w13, w2), alpha=float(scale[k]))
     return out

@@ -6,6 +6,7 @@ from torch import nn
 
 from ..models.args import AttentionArgs
 from .attention import attend
+from .linear import Linear
 from .norm import RMSNorm
 
 
@@ -15,15 +16,15 @@ class LatentAttention(nn.Module):
         self.a = a
         h, qk = a.n_heads, a.qk_nope_head_dim + a.qk_rope_head_dim
         if a.q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden, h * qk, bias=False)
+            self.q_proj = Linear(hidden, h * qk, bias=False)
         else:
-            self.q_a_proj = nn.Linear(hidden, a.q_lora_rank, bias=a.qkv_bias)
+            self.q_a_proj = Linear(hidden, a.q_lora_rank, bias=a.qkv_bias)
             self.q_a_layernorm = RMSNorm(a.q_lora_rank, norm_eps)
-            self.q_b_proj = nn.Linear(a.q_lora_rank, h * qk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, a.kv_lora_rank + a.qk_rope_head_dim, bias=a.qkv_bias)
+            self.q_b_proj = Linear(a.q_lora_rank, h * qk, bias=False)
+        self.kv_a_proj_with_mqa = Linear(hidden, a.kv_lora_rank + a.qk_rope_head_dim, bias=a.qkv_bias)
         self.kv_a_layernorm = RMSNorm(a.kv_lora_rank, norm_eps)
-        self.kv_b_proj = nn.Linear(a.kv_lora_rank, h * (a.qk_nope_head_dim + a.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(h * a.v_head_dim, hidden, bias=a.o_bias)
+        self.kv_b_proj = Linear(a.kv_lora_rank, h * (a.qk_nope_head_dim + a.v_head_dim), bias=False)
+        self.o_proj = Linear(h * a.v_head_dim, hidden, bias=a.o_bias)
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         if self.a.q_lora_rank is None:

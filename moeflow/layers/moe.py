@@ -8,6 +8,7 @@ from torch import nn
 
 from ..models.args import MoEArgs
 from .experts import run_experts
+from .linear import Linear
 from .mlp import MLP
 
 
@@ -30,7 +31,7 @@ class MoEBlock(nn.Module):
         if m.shared_intermediate:
             self.shared_expert = MLP(hidden, m.shared_intermediate)
         if m.shared_gate:
-            self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
+            self.shared_expert_gate = Linear(hidden, 1, bias=False)
 
     def forward(self, x: torch.Tensor, ctx, layer: int) -> torch.Tensor:
         logits = self.gate(x)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..layers.attention import Attention
+from ..layers.linear import Linear
 from ..layers.mla import LatentAttention
 from ..layers.mlp import MLP
 from ..layers.moe import MoEBlock
@@ -45,7 +46,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.args = args
         self.model = Backbone(args, route)
-        self.lm_head = nn.Linear(args.hidden, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden, args.vocab_size, bias=False)
 
     @torch.inference_mode()
     def forward(self, ctx, all_logits: bool = False) -> torch.Tensor:

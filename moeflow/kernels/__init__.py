@@ -1,0 +1,120 @@
+"""Native small-M linear kernel, compiled on first use with the machine's C compiler.
+
+Falls back to torch (returns None from `native()`) when there is no compiler, the CPU lacks
+AVX2/FMA/F16C, or MOEFLOW_NATIVE=0; results are the same up to float rounding either way."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import torch
+
+_SRC = Path(__file__).with_name("linear.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_NEEDS = ("avx2", "fma", "f16c")
+
+
+def _cpu_ok() -> bool:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return all(f in flags for f in _NEEDS)
+
+
+def _build_dir() -> Path:
+    from ..default_model import cache_dir
+
+    return cache_dir() / "kernels"
+
+
+@cache
+def native():
+    """The loaded library, or None when the native path is unavailable."""
+    if os.environ.get("MOEFLOW_NATIVE", "1") == "0" or not _cpu_ok():
+        return None
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        return None
+    src = _SRC.read_bytes()
+    tag = hashlib.sha256(src + " ".join([cc, *_FLAGS, platform.node()]).encode()).hexdigest()[:16]
+    out = _build_dir() / f"mf_linear_{tag}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        r = subprocess.run([cc, *_FLAGS, "-o", str(tmp), str(_SRC)], capture_output=True, text=True)
+        if r.returncode != 0:
+            return None
+        tmp.rename(out)
+    lib = ctypes.CDLL(str(out))  # torch is imported, so its libgomp.so.1 is the one this binds to
+    ptr, i64, P = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p)
+    lib.mf_linear.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.mf_linear.restype = None
+    lib.mf_moe_token.argtypes = [i64, P, P, ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int]
+    lib.mf_moe_token.restype = None
+    return lib
+
+
+def native_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ w [N, K]^T in fp32 through the native kernel; returns fp32 [M, N]."""
+    f = native().mf_linear
+    M, K = x.shape
+    pad = 0 if M == 1 else -M % 4  # the 2x4 tile wants whole blocks of four tokens
+    x = x.float()
+    if pad:
+        x = torch.cat((x, x.new_zeros(pad, K)))
+    x = x.contiguous()
+    N = w.shape[0]
+    y = torch.empty(M + pad, N, dtype=torch.float32)
+    f(w.data_ptr(), x.data_ptr(), y.data_ptr(), M + pad, N, K, _DTYPES[w.dtype])
+    return y[:M] if pad else y
+
+
+def usable(x: torch.Tensor, w: torch.Tensor, max_rows: int) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dim() == 2
+        and x.shape[0] <= max_rows
+        and w.dtype in _DTYPES
+        and w.is_contiguous()
+        and native() is not None
+    )
+
+
+def moe_token_usable(x: torch.Tensor, w13: torch.Tensor) -> bool:
+    """The fused one-token expert kernel wants 4-aligned shapes and contiguous expert weights."""
+    H, I2 = x.shape[-1], w13.shape[0]
+    return (
+        x.device.type == "cpu"
+        and w13.dtype in _DTYPES
+        and H % 4 == 0
+        and I2 % 4 == 0
+        and w13.is_contiguous()
+        and native() is not None
+    )
+
+
+def native_moe_token(x: torch.Tensor, scale: torch.Tensor, experts) -> torch.Tensor:
+    """One token [1, H] through experts [(w13 [2I, H], w2 [H, I])] weighted by scale [n] -> fp32 [1, H]."""
+    lib = native()
+    n, H, I = len(experts), x.shape[-1], experts[0][1].shape[1]
+    w13 = (ctypes.c_void_p * n)(*[a.data_ptr() for a, _ in experts])
+    w2 = (ctypes.c_void_p * n)(*[b.data_ptr() for _, b in experts])
+    x = x.float().contiguous()
+    scale = scale.float().contiguous()
+    out = torch.empty(1, H, dtype=torch.float32)
+    hbuf = torch.empty(n * 2 * I, dtype=torch.float32)
+    act = torch.empty(n * I, dtype=torch.float32)
+    ptrs = [t.data_ptr() for t in (scale, x, out, hbuf, act)]
+    lib.mf_moe_token(n, w13, w2, *ptrs, H, I, _DTYPES[experts[0][0].dtype])
+    return out

@@ -1,0 +1,206 @@
+/* Y[M, N] = X[M, K] @ W[N, K]^T for small M (decode, and per-expert blocks of prefill) on x86.
+ *
+ * Weights are fp32, bf16 or fp16 and are read from memory once: each thread streams its band of
+ * rows and widens 16-bit values to fp32 in registers; activations and results are fp32.
+ * Tiles: 4 rows x 1 token when M == 1, 2 rows x 4 tokens otherwise (the wrapper pads M to a
+ * multiple of 4), eight accumulators either way so FMA latency is hidden.
+ * bf16 is widened 16 values at a time by interleaving with zeros, which leaves them in the
+ * order [0-3, 8-11 | 4-7, 12-15]; x is permuted the same way once per call, and a dot product
+ * does not care about order.
+ * Built with -fopenmp: loaded into a process that already has torch's libgomp.so.1 it shares
+ * torch's thread pool rather than competing with it. */
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+
+static inline void load16(const void *w, int64_t i, int dt, __m256 *lo, __m256 *hi) {
+    if (dt == F32) {
+        const float *f = (const float *)w + i;
+        *lo = _mm256_loadu_ps(f);
+        *hi = _mm256_loadu_ps(f + 8);
+    } else if (dt == F16) {
+        const uint16_t *h = (const uint16_t *)w + i;
+        *lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+        *hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + 8)));
+    } else {
+        __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i));
+        __m256i z = _mm256_setzero_si256();
+        *lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v));
+        *hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v));
+    }
+}
+
+static inline float load1(const void *w, int64_t i, int dt) {
+    if (dt == F32) return ((const float *)w)[i];
+    uint16_t v = ((const uint16_t *)w)[i];
+    if (dt == F16) return _cvtsh_ss(v);
+    union { uint32_t u; float f; } c = {.u = (uint32_t)v << 16};
+    return c.f;
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* scalar tail over k in [k0, K): x is in original order there */
+static inline float tail(const void *w, int64_t row, const float *x, int64_t k0, int64_t K, int dt) {
+    float s = 0.f;
+    for (int64_t k = k0; k < K; k++) s += load1(w, row * K + k, dt) * x[k];
+    return s;
+}
+
+#define FMA2(acc0, acc1, wl, wh, xp) \
+    acc0 = _mm256_fmadd_ps(wl, _mm256_loadu_ps(xp), acc0); \
+    acc1 = _mm256_fmadd_ps(wh, _mm256_loadu_ps((xp) + 8), acc1)
+
+/* four weight rows [n, n+4) against one activation row -> y[0..3] */
+static inline void dot4(const void *w, int64_t n, const float *x, float *y, int64_t K, int64_t K16, int dt) {
+    __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0;
+    __m256 wl, wh;
+    for (int64_t k = 0; k < K16; k += 16) {
+        load16(w, (n + 0) * K + k, dt, &wl, &wh); FMA2(a0, b0, wl, wh, x + k);
+        load16(w, (n + 1) * K + k, dt, &wl, &wh); FMA2(a1, b1, wl, wh, x + k);
+        load16(w, (n + 2) * K + k, dt, &wl, &wh); FMA2(a2, b2, wl, wh, x + k);
+        load16(w, (n + 3) * K + k, dt, &wl, &wh); FMA2(a3, b3, wl, wh, x + k);
+    }
+    y[0] = hsum(_mm256_add_ps(a0, b0)) + tail(w, n + 0, x, K16, K, dt);
+    y[1] = hsum(_mm256_add_ps(a1, b1)) + tail(w, n + 1, x, K16, K, dt);
+    y[2] = hsum(_mm256_add_ps(a2, b2)) + tail(w, n + 2, x, K16, K, dt);
+    y[3] = hsum(_mm256_add_ps(a3, b3)) + tail(w, n + 3, x, K16, K, dt);
+}
+
+static void tile_4x1(const void *w, int64_t n, const float *x, float *y, int64_t K, int64_t K16, int dt) {
+    dot4(w, n, x, y + n, K, K16, dt);
+}
+
+static void tile_2x4(const void *w, int64_t n, const float *X, float *Y, int64_t m, int64_t N, int64_t K,
+                     int64_t K16, int dt) {
+    __m256 acc[2][4];
+    for (int r = 0; r < 2; r++)
+        for (int t = 0; t < 4; t++) acc[r][t] = _mm256_setzero_ps();
+    const float *x0 = X + (m + 0) * K, *x1 = X + (m + 1) * K, *x2 = X + (m + 2) * K, *x3 = X + (m + 3) * K;
+    __m256 l0, h0, l1, h1;
+    for (int64_t k = 0; k < K16; k += 16) {
+        load16(w, (n + 0) * K + k, dt, &l0, &h0);
+        load16(w, (n + 1) * K + k, dt, &l1, &h1);
+        __m256 xl, xh;
+#define TOKEN(t, xp) \
+        xl = _mm256_loadu_ps((xp) + k); xh = _mm256_loadu_ps((xp) + k + 8); \
+        acc[0][t] = _mm256_fmadd_ps(h0, xh, _mm256_fmadd_ps(l0, xl, acc[0][t])); \
+        acc[1][t] = _mm256_fmadd_ps(h1, xh, _mm256_fmadd_ps(l1, xl, acc[1][t]))
+        TOKEN(0, x0); TOKEN(1, x1); TOKEN(2, x2); TOKEN(3, x3);
+#undef TOKEN
+    }
+    const float *xs[4] = {x0, x1, x2, x3};
+    for (int r = 0; r < 2; r++)
+        for (int t = 0; t < 4; t++)
+            Y[(m + t) * N + n + r] = hsum(acc[r][t]) + tail(w, n + r, xs[t], K16, K, dt);
+}
+
+static void row_generic(const void *w, int64_t n, const float *X, float *Y, int64_t M, int64_t N, int64_t K,
+                        int64_t K16, int dt) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *x = X + m * K;
+        __m256 a = _mm256_setzero_ps(), b = a, wl, wh;
+        for (int64_t k = 0; k < K16; k += 16) {
+            load16(w, n * K + k, dt, &wl, &wh);
+            FMA2(a, b, wl, wh, x + k);
+        }
+        Y[m * N + n] = hsum(_mm256_add_ps(a, b)) + tail(w, n, x, K16, K, dt);
+    }
+}
+
+/* bf16 lanes come out as [0-3, 8-11 | 4-7, 12-15]: give x the same order within each 16 */
+static float *permute_for_bf16(const float *X, int64_t M, int64_t K, int64_t K16) {
+    float *p = (float *)malloc(sizeof(float) * M * K);
+    for (int64_t m = 0; m < M; m++) {
+        const float *x = X + m * K;
+        float *q = p + m * K;
+        for (int64_t k = 0; k < K16; k += 16) {
+            memcpy(q + k, x + k, 16);
+            memcpy(q + k + 4, x + k + 8, 16);
+            memcpy(q + k + 8, x + k + 4, 16);
+            memcpy(q + k + 12, x + k + 12, 16);
+        }
+        memcpy(q + K16, x + K16, sizeof(float) * (K - K16));
+    }
+    return p;
+}
+
+/* M must be 1 or a multiple of 4 for the tiled path; other M go row by row */
+void mf_linear(const void *W, const float *X, float *Y, int64_t M, int64_t N, int64_t K, int dt) {
+    int64_t K16 = K / 16 * 16;
+    float *xp = dt == BF16 ? permute_for_bf16(X, M, K, K16) : NULL;
+    const float *x = xp ? xp : X;
+    if (M == 1) {
+        int64_t n4 = N / 4 * 4;
+#pragma omp parallel for schedule(static)
+        for (int64_t n = 0; n < n4; n += 4) tile_4x1(W, n, x, Y, K, K16, dt);
+        for (int64_t n = n4; n < N; n++) row_generic(W, n, x, Y, 1, N, K, K16, dt);
+    } else if (M % 4 == 0) {
+        int64_t n2 = N / 2 * 2;
+#pragma omp parallel for schedule(static)
+        for (int64_t n = 0; n < n2; n += 2)
+            for (int64_t m = 0; m < M; m += 4) tile_2x4(W, n, x, Y, m, N, K, K16, dt);
+        for (int64_t n = n2; n < N; n++) row_generic(W, n, x, Y, M, N, K, K16, dt);
+    } else {
+#pragma omp parallel for schedule(static)
+        for (int64_t n = 0; n < N; n++) row_generic(W, n, x, Y, M, N, K, K16, dt);
+    }
+    free(xp);
+}
+
+static inline int64_t bf16_lane(int64_t q, int64_t n16) {
+    /* where the value for permuted position q comes from (see permute_for_bf16) */
+    if (q >= n16) return q;
+    int64_t base = q & ~15, o = q & 15;
+    return base + (o < 4 ? o : o < 8 ? o + 4 : o < 12 ? o - 4 : o);
+}
+
+static inline float silu(float g) { return g / (1.f + __builtin_expf(-g)); }
+
+/* One token through n experts: out[H] = sum_e scale[e] * W2_e (silu(G_e x) * U_e x), where
+ * W13_e = [G_e; U_e] is [2I, H] and W2_e is [H, I]. One parallel region for the whole layer:
+ * gate/up rows of every expert, then the activations, then each thread sums the down
+ * projections of all experts over its own band of output rows (no reduction across threads).
+ * Requires 2I and H to be multiples of 4. hbuf holds n*2I floats, act n*I. */
+void mf_moe_token(int64_t n, const void **w13, const void **w2, const float *scale, const float *x_in,
+                  float *out, float *hbuf, float *act, int64_t H, int64_t I, int dt) {
+    int64_t H16 = H / 16 * 16, I16 = I / 16 * 16, I2 = 2 * I;
+    float *xp = dt == BF16 ? permute_for_bf16(x_in, 1, H, H16) : NULL;
+    const float *x = xp ? xp : x_in;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n * I2; r += 4) {
+            int64_t e = r / I2;
+            tile_4x1(w13[e], r - e * I2, x, hbuf + e * I2, H, H16, dt);
+        }
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < n * I; q++) {
+            int64_t e = q / I, i = q - e * I;
+            int64_t src = dt == BF16 ? bf16_lane(i, I16) : i;
+            const float *h = hbuf + e * I2;
+            act[q] = silu(h[src]) * h[I + src];
+        }
+        /* each thread owns a band of output rows and streams one expert's band at a time */
+        int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        int64_t blocks = H / 4, lo = blocks * t / nt * 4, hi = blocks * (t + 1) / nt * 4;
+        for (int64_t j = lo; j < hi; j++) out[j] = 0.f;
+        for (int64_t e = 0; e < n; e++) {
+            float y[4];
+            for (int64_t j = lo; j < hi; j += 4) {
+                dot4(w2[e], j, act + e * I, y, I, I16, dt);
+                for (int r = 0; r < 4; r++) out[j + r] += scale[e] * y[r];
+            }
+        }
+    }
+    free(xp);
+}

@@ -87,6 +87,8 @@ class Engine:
             return
         if self.running:
             return
+        if c is not None:  # grow, never shrink below what was there
+            n_slots, length = max(n_slots, c.n_slots), max(length, c.max_len)
         self.cache = KVCache.for_model(self.args, n_slots, length, self.dtype, self.device)
 
     def abort(self, seq: Sequence) -> None:
@@ -102,6 +104,11 @@ class Engine:
         if self.cache is None:
             self.reserve(self.max_num_seqs, self.max_model_len)
         while self.waiting and self.cache.free_slots:
+            need = len(self.waiting[0].prompt_ids) + 1
+            if need > self.cache.max_len:
+                if self.running:
+                    return  # the cache grows once the running sequences have finished
+                self.reserve(self.cache.n_slots, need + self.waiting[0].params.max_tokens)
             seq = self.waiting.popleft()
             seq.slot = self.cache.alloc()
             self.running.append(seq)
@@ -152,7 +159,7 @@ class Engine:
             self._check_stop_strings(s, before)
         if s.finish_reason is None and len(s.output_ids) >= s.params.max_tokens:
             s.finish_reason = "length"
-        if s.finish_reason is None and s.n_cached + 1 >= self.max_model_len:
+        if s.finish_reason is None and s.n_cached + 1 >= self.cache.max_len:
             s.finish_reason = "length"
         if s.finish_reason is not None:
             self.running.remove(s)

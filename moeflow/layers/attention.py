@@ -35,16 +35,36 @@ class Attention(nn.Module):
         elif a.qk_norm == "full":
             self.q_norm, self.k_norm = RMSNorm(h * d, norm_eps), RMSNorm(kv * d, norm_eps)
 
+    def fuse_qkv(self) -> None:
+        """After loading: one [q; k; v] matmul instead of three (fewer weight passes and calls).
+        The separate modules go, so the weights are not held twice."""
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        b = None
+        if self.a.qkv_bias:
+            b = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        self.qkv_proj = Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+        self.qkv_proj.weight = nn.Parameter(w, requires_grad=False)
+        if b is not None:
+            self.qkv_proj.bias = nn.Parameter(b, requires_grad=False)
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a = self.a
+        if not hasattr(self, "qkv_proj"):
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q_dim, kv_dim = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+        return self.qkv_proj(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+
     def forward(self, x: torch.Tensor, ctx, layer: int) -> torch.Tensor:
         a, T = self.a, x.shape[0]
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self._qkv(x)
         if a.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if a.clip_qkv is not None:
             q, k, v = (t.clamp(-a.clip_qkv, a.clip_qkv) for t in (q, k, v))
-        q = q.view(T, a.n_heads, a.head_dim)
-        k = k.view(T, a.n_kv_heads, a.head_dim)
-        v = v.view(T, a.n_kv_heads, a.head_dim)
+        q = q.reshape(T, a.n_heads, a.head_dim)
+        k = k.reshape(T, a.n_kv_heads, a.head_dim)
+        v = v.reshape(T, a.n_kv_heads, a.head_dim)
         if a.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = ctx.rope(q), ctx.rope(k)

@@ -50,6 +50,9 @@ def load(
         model.load_state_dict(state, assign=True, strict=True)
         experts = _load_experts(ckpt, canon, args, dtype, device, bar)
     model.eval()
+    for layer in model.model.layers:
+        if hasattr(layer.self_attn, "fuse_qkv"):
+            layer.self_attn.fuse_qkv()
     return LoadedModel(model=model, experts=experts, args=args, checkpoint=ckpt, path=ckpt.path)
 
 

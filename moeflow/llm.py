@@ -11,6 +11,7 @@ from .engine.engine import Engine
 from .engine.sampling import SamplingParams
 from .engine.sequence import RequestOutput, Sequence
 from .errors import ConfigError
+from .kernels import native
 from .loader.load import load
 from .tokenizer import apply_chat, encode, load_tokenizer
 
@@ -58,6 +59,8 @@ class LLM:
 
             model = default_model_path(progress=progress)
         self.dtype, self.device = resolve_dtype(dtype), resolve_device(device)
+        if self.device == "cpu":
+            native()  # build or load the kernel now, not inside the first request's timing
         self.loaded = load(model, self.dtype, self.device, progress=progress)
         self.args = self.loaded.args
         self.tokenizer = load_tokenizer(self.loaded.path)

@@ -1,9 +1,10 @@
 """The one matmul every weight goes through, choosing the fastest path for the shape at hand.
 
-Measured with bench/bench_kernels.py (BENCHMARKS.md): for fp32 GEMV MKL already streams at
-memory bandwidth and the native kernel only matches it; with 2-15 rows the native kernel is
-1.05-1.4x faster, and with 16-bit weights below 16 rows 1.2-2x faster. From 16 rows on, fp32
-GEMM (16-bit weights upcast per block) is the better path."""
+For fp32 weights MKL is used throughout: its GEMV streams at memory bandwidth, and end to end
+its multi-row GEMM beat the native kernel on a 32-token prefill (127 vs 152 ms, BENCHMARKS.md)
+although the native one wins isolated 4-row calls. For 16-bit weights the native kernel is
+1.2-2x faster below 16 rows (bf16 prefill 147 vs 174-217 ms); from 16 rows on, fp32 GEMM on
+weights upcast per block is the better path."""
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     """x [M, K] @ w [N, K]^T (+ b) in x's dtype."""
     M = x.shape[0] if x.dim() == 2 else -1
     if x.device.type == "cpu" and M > 0:
-        if (w.dtype != torch.float32 or M > 1) and usable(x, w, NATIVE_MAX_ROWS):
+        if w.dtype != torch.float32 and usable(x, w, NATIVE_MAX_ROWS):
             y = native_linear(x, w)
             return (y if b is None else y + b.float()).to(x.dtype)
         if w.dtype != torch.float32 and M >= UPCAST_MIN_ROWS:

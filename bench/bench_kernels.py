@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from membw import probe_samples  # noqa: E402
-
 from moeflow.kernels import native, native_linear  # noqa: E402
+
+from membw import probe_samples  # noqa: E402
 
 
 def median_s(fn, reps: int) -> float:

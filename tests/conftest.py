@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tiny_models import build_reference, save
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))

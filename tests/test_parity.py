@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from tiny_models import CONFIGS
 
 from moeflow import LLM, SamplingParams
 from moeflow.engine.batch import StepBatch
@@ -10,6 +9,8 @@ from moeflow.engine.context import ForwardContext
 from moeflow.engine.kv_cache import KVCache
 from moeflow.layers.rope import Rotary
 from moeflow.loader.load import load
+
+from tiny_models import CONFIGS
 
 PROMPT_LEN, DECODE_STEPS, GREEDY_STEPS = 16, 10, 32
 GREEDY = SamplingParams(max_tokens=GREEDY_STEPS, temperature=0.0, ignore_eos=True)

@@ -84,7 +84,9 @@ class LLM:
             return None, list(prompt)
         raise ConfigError("a prompt must be a string, a list of chat messages, or a list of token ids")
 
-    def _submit(self, prompts: list, params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
+    def _submit(
+        self, prompts: list, params: SamplingParams | list[SamplingParams], experts_top_k: int | None = None
+    ) -> list[Sequence]:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ConfigError(f"got {len(plist)} sampling params for {len(prompts)} prompts")
@@ -92,7 +94,7 @@ class LLM:
         need = max(len(ids) + sp.max_tokens for (_, ids), sp in zip(encoded, plist))
         self.engine.reserve(len(prompts), need)
         try:
-            return [self.engine.add(ids, sp, text) for (text, ids), sp in zip(encoded, plist)]
+            return [self.engine.add(ids, sp, text, experts_top_k) for (text, ids), sp in zip(encoded, plist)]
         except Exception:
             for s in list(self.engine.waiting):
                 self.engine.abort(s)
@@ -110,8 +112,7 @@ class LLM:
         batch = _as_batch(prompts) if prompts is not None else list(prompt_token_ids or [])
         if not batch:
             raise ConfigError("no prompts given")
-        seqs = self._submit(batch, sampling_params or SamplingParams())
-        self._set_top_k(experts_top_k)
+        seqs = self._submit(batch, sampling_params or SamplingParams(), experts_top_k)
         while any(s.finish_reason is None for s in seqs):
             self.engine.step()
         return [s.output() for s in seqs]
@@ -120,10 +121,11 @@ class LLM:
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         return self.generate(convs, sampling_params)
 
-    def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(
+        self, prompt, sampling_params: SamplingParams | None = None, experts_top_k: int | None = None
+    ) -> Iterator[str]:
         """Yields text as it is generated; the finished RequestOutput is the generator's return value."""
-        (seq,) = self._submit([prompt], sampling_params or SamplingParams())
-        self._set_top_k(None)
+        (seq,) = self._submit([prompt], sampling_params or SamplingParams(), experts_top_k)
         try:
             while seq.finish_reason is None:
                 self.engine.step()
@@ -134,11 +136,6 @@ class LLM:
             if seq.finish_reason is None:
                 self.engine.abort(seq)
         return seq.output()
-
-    def _set_top_k(self, k: int | None) -> None:
-        if k is not None and not 0 < k <= self.args.moe.n_experts:
-            raise ConfigError(f"experts_top_k must be in 1..{self.args.moe.n_experts}, got {k}")
-        self.engine.top_k = k
 
 
 def _as_batch(prompts) -> list:

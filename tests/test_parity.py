@@ -94,3 +94,22 @@ def test_bf16_close_to_fp32(checkpoint):
     got = lm.model(ctx, all_logits=True)
     rel = ((got - want).norm() / want.norm()).item()
     assert rel < 0.05, f"bf16 relative logit error {rel:.3f}"
+
+
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3"])
+def test_mixed_per_request_top_k_equals_alone(checkpoint, name):
+    folder, _ = checkpoint(name)
+    llm = LLM(folder, progress=False)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts, ks = [prompt(9, seed=1), prompt(13, seed=2), prompt(6, seed=3)], [1, None, 2]
+    seqs = [llm.engine.add(p, params, experts_top_k=k) for p, k in zip(prompts, ks)]
+    while any(s.finish_reason is None for s in seqs):
+        llm.engine.step()
+    for p, k, s in zip(prompts, ks, seqs):
+        alone = llm.generate(prompt_token_ids=[p], sampling_params=params, experts_top_k=k)[0]
+        assert s.output_ids == alone.token_ids
+        assert (s.counts == alone.stats.expert_counts).all()
+    top = llm.args.moe.top_k
+    n = len(prompts[0]) + 7
+    assert s.counts.sum() > 0 and seqs[0].counts[llm.args.moe_layers].sum() == n * len(llm.args.moe_layers)
+    assert seqs[1].counts[llm.args.moe_layers].sum() == (len(prompts[1]) + 7) * top * len(llm.args.moe_layers)

@@ -30,15 +30,13 @@ def run(a) -> int:
         progress=sys.stderr.isatty(),
     )
     prompt = [{"role": "user", "content": a.chat}] if a.chat else a.prompt
-    llm.engine.top_k = None
     if a.json:
         out = llm.generate([prompt] if a.chat else prompt, params, experts_top_k=a.experts_top_k)[0]
         print(json.dumps(as_dict(out), indent=2))
         return 0
-    llm._set_top_k(a.experts_top_k)
     if not a.chat:
         sys.stdout.write(a.prompt)
-    stream = llm.stream(prompt, params)
+    stream = llm.stream(prompt, params, a.experts_top_k)
     while True:
         try:
             sys.stdout.write(next(stream))

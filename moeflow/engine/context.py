@@ -18,7 +18,7 @@ class ForwardContext:
     experts: object  # an expert store: fetch(layer, ids) -> [(w13, w2)]
     rotary: Rotary
     dtype: torch.dtype
-    top_k: int | None = None  # run fewer (or more) experts than the model's default
+    row_top_k: list[int] | None = None  # experts per token for each row; None: the model's top-k
     counts: torch.Tensor | None = None  # [B, n_layers, E] experts chosen per row, filled when given
     _cos_sin: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
@@ -27,9 +27,18 @@ class ForwardContext:
             self._cos_sin = self.rotary.cos_sin(self.batch.positions, x.dtype)
         return self.rotary.apply(x, *self._cos_sin)
 
-    def record(self, layer: int, ids: torch.Tensor) -> None:
+    def token_top_k(self) -> torch.Tensor | None:
+        """[T] experts to run for each token, or None when every token uses the model's top-k."""
+        if self.row_top_k is None:
+            return None
+        ks = torch.tensor(self.row_top_k, device=self.batch.tokens.device)
+        return ks[self.batch.row_of_token]
+
+    def record(self, layer: int, ids: torch.Tensor, tokens: torch.Tensor | None = None) -> None:
+        """Counts expert picks ids [n, k] of the given packed tokens (default: all of them)."""
         if self.counts is None:
             return
         B, _, E = self.counts.shape
-        rows = self.batch.row_of_token[:, None].expand_as(ids)
+        rows = self.batch.row_of_token if tokens is None else self.batch.row_of_token[tokens]
+        rows = rows[:, None].expand_as(ids)
         self.counts[:, layer] += torch.bincount((rows * E + ids).reshape(-1), minlength=B * E).view(B, E)

@@ -10,7 +10,7 @@ from collections import deque
 import numpy as np
 import torch
 
-from ..errors import PromptError
+from ..errors import ConfigError, PromptError
 from ..layers.rope import Rotary
 from ..loader.load import LoadedModel
 from ..params import count_params
@@ -40,11 +40,38 @@ class Engine:
         self.cache: KVCache | None = None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.top_k: int | None = None
         self._ids = itertools.count()
         self._params = count_params(self.args)
 
-    def add(self, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None) -> Sequence:
+    def add(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+        experts_top_k: int | None = None,
+    ) -> Sequence:
+        self.validate(prompt_ids)
+        n_experts = self.args.moe.n_experts
+        if experts_top_k is not None and not 0 < experts_top_k <= n_experts:
+            raise ConfigError(f"experts top_k must be in 1..{n_experts}, got {experts_top_k}")
+        eos = set() if params.ignore_eos else set(self.args.eos_token_ids) | self._tokenizer_eos()
+        seq = Sequence(
+            request_id=next(self._ids),
+            prompt=prompt,
+            prompt_ids=list(prompt_ids),
+            params=params,
+            generator=make_generator(params.seed),
+            stop_ids=frozenset(eos | set(params.stop_token_ids)),
+            counts=np.zeros((self.args.n_layers, self.args.moe.n_experts), dtype=np.int64),
+            detok=Detokenizer(self.tokenizer),
+            experts_top_k=experts_top_k,
+        )
+        seq.stats.total_params, seq.stats.active_params = self._params.total, self._params.active
+        self.waiting.append(seq)
+        return seq
+
+    def validate(self, prompt_ids: list[int]) -> None:
+        """Raises PromptError for a prompt this engine can never serve; touches no state."""
         if not prompt_ids:
             raise PromptError("prompt is empty")
         if len(prompt_ids) >= self.max_model_len:
@@ -57,20 +84,6 @@ class Engine:
             raise PromptError(
                 f"prompt token id {bad[0]} is outside the vocabulary (0..{self.args.vocab_size - 1})"
             )
-        eos = set() if params.ignore_eos else set(self.args.eos_token_ids) | self._tokenizer_eos()
-        seq = Sequence(
-            request_id=next(self._ids),
-            prompt=prompt,
-            prompt_ids=list(prompt_ids),
-            params=params,
-            generator=make_generator(params.seed),
-            stop_ids=frozenset(eos | set(params.stop_token_ids)),
-            counts=np.zeros((self.args.n_layers, self.args.moe.n_experts), dtype=np.int64),
-            detok=Detokenizer(self.tokenizer),
-        )
-        seq.stats.total_params, seq.stats.active_params = self._params.total, self._params.active
-        self.waiting.append(seq)
-        return seq
 
     def _tokenizer_eos(self) -> set[int]:
         eos = getattr(self.tokenizer, "eos_token_id", None)
@@ -123,7 +136,9 @@ class Engine:
         batch = StepBatch.build(rows, [s.n_cached for s in seqs], [s.slot for s in seqs], self.device)
         shape = (len(seqs), self.args.n_layers, self.args.moe.n_experts)
         counts = torch.zeros(shape, dtype=torch.long, device=self.device)
-        ctx = ForwardContext(batch, self.cache, self.m.experts, self.rotary, self.dtype, self.top_k, counts)
+        ks = [s.experts_top_k for s in seqs]
+        row_top_k = None if all(k is None for k in ks) else [k or self.args.moe.top_k for k in ks]
+        ctx = ForwardContext(batch, self.cache, self.m.experts, self.rotary, self.dtype, row_top_k, counts)
         t0 = time.perf_counter()
         logits = self.m.model(ctx).cpu()  # sampling and bookkeeping run on the host
         dt = time.perf_counter() - t0

@@ -59,6 +59,7 @@ class Sequence:
     stop_ids: frozenset[int]
     counts: np.ndarray
     detok: object = None
+    experts_top_k: int | None = None  # None: the model's own top-k
     slot: int = -1
     n_cached: int = 0  # tokens already in the KV cache
     output_ids: list[int] = field(default_factory=list)

@@ -33,13 +33,31 @@ class MoEBlock(nn.Module):
         if m.shared_gate:
             self.shared_expert_gate = Linear(hidden, 1, bias=False)
 
+    def _route(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        bias = self.gate.e_score_correction_bias
+        return self.route(logits, top_k=k, **({} if bias is None else {"bias": bias}))
+
+    def _route_per_token(self, logits, ks: torch.Tensor, ctx, layer: int):
+        """Tokens asking for different k are routed in groups, each exactly as with that k;
+        slots beyond a token's k repeat its first expert with weight 0, which adds nothing."""
+        k_max = int(ks.max())
+        weights = logits.new_zeros(logits.shape[0], k_max)
+        ids = torch.zeros(logits.shape[0], k_max, dtype=torch.long, device=logits.device)
+        for k in ks.unique().tolist():
+            sel = (ks == k).nonzero()[:, 0]
+            w, i = self._route(logits[sel], k)
+            weights[sel, :k], ids[sel, :k], ids[sel, k:] = w, i, i[:, :1]
+            ctx.record(layer, i, sel)
+        return weights, ids
+
     def forward(self, x: torch.Tensor, ctx, layer: int) -> torch.Tensor:
         logits = self.gate(x)
-        extra = (
-            {} if self.gate.e_score_correction_bias is None else {"bias": self.gate.e_score_correction_bias}
-        )
-        weights, ids = self.route(logits, top_k=ctx.top_k or self.m.top_k, **extra)
-        ctx.record(layer, ids)
+        ks = ctx.token_top_k()
+        if ks is None:
+            weights, ids = self._route(logits, self.m.top_k)
+            ctx.record(layer, ids)
+        else:
+            weights, ids = self._route_per_token(logits, ks, ctx, layer)
         out = run_experts(x, weights, ids, lambda active: ctx.experts.fetch(layer, active))
         if self.m.shared_intermediate:
             shared = self.shared_expert(x)

@@ -37,6 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the result as JSON instead of streaming")
     i = sub.add_parser("info", help="architecture, parameter counts and bytes touched per token")
     _add_model_args(i)
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    _add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=int, default=16, help="sequences in the running batch (KV slots)")
+    s.add_argument(
+        "--max-waiting", type=int, default=64, help="queued requests beyond which the server answers 503"
+    )
+    s.add_argument("--max-model-len", type=int, default=None)
+    s.add_argument(
+        "--served-model-name", default=None, help="the model id clients send (default: folder name)"
+    )
+    s.add_argument("--log-level", default="warning")
     return ap
 
 
@@ -45,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             from .commands.generate import run
+        elif args.command == "serve":
+            from .commands.serve import run
         else:
             from .commands.info import run
         return run(args)

@@ -65,3 +65,28 @@ def test_grouped_experts_equal_token_by_token():
     together = run_experts(x, w, ids, fetch)
     alone = torch.cat([run_experts(x[t : t + 1], w[t : t + 1], ids[t : t + 1], fetch) for t in range(T)])
     assert torch.allclose(together, alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("counts", [[1], [2, 3], [5, 1, 4, 7], [16, 2]])
+def test_moe_grouped(dtype, counts):
+    from moeflow.kernels import moe_grouped_usable, native_moe_grouped
+
+    H, I = 96, 40
+    g = torch.Generator().manual_seed(sum(counts))
+    experts = [
+        (
+            (torch.randn(2 * I, H, generator=g) / H**0.5).to(dtype),
+            (torch.randn(H, I, generator=g) / I**0.5).to(dtype),
+        )
+        for _ in counts
+    ]
+    xs = torch.randn(sum(counts), H, generator=g)
+    assert moe_grouped_usable(xs, experts[0][0])
+    got = native_moe_grouped(xs, experts, counts).double()
+    start = 0
+    for n, pair in zip(counts, experts):
+        for p in range(start, start + n):
+            want = expert_ref(xs[p : p + 1], torch.ones(1), [pair])
+            assert (got[p] - want).abs().max().item() < 1e-4
+        start += n

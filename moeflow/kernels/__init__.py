@@ -62,6 +62,8 @@ def native():
     lib.mf_linear.restype = None
     lib.mf_moe_token.argtypes = [i64, P, P, ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int]
     lib.mf_moe_token.restype = None
+    lib.mf_moe_grouped.argtypes = [i64, P, P, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.mf_moe_grouped.restype = None
     return lib
 
 
@@ -118,3 +120,33 @@ def native_moe_token(x: torch.Tensor, scale: torch.Tensor, experts) -> torch.Ten
     ptrs = [t.data_ptr() for t in (scale, x, out, hbuf, act)]
     lib.mf_moe_token(n, w13, w2, *ptrs, H, I, _DTYPES[experts[0][0].dtype])
     return out
+
+
+def moe_grouped_usable(xs: torch.Tensor, w13: torch.Tensor) -> bool:
+    H, I2 = xs.shape[-1], w13.shape[0]
+    return (
+        xs.device.type == "cpu"
+        and w13.dtype in _DTYPES
+        and H % 4 == 0
+        and I2 % 4 == 0
+        and w13.is_contiguous()
+        and native() is not None
+    )
+
+
+def native_moe_grouped(xs: torch.Tensor, experts, counts: list[int]) -> torch.Tensor:
+    """xs [P, H] (tokens gathered per expert, in the order of `experts`), counts[g] rows for
+    expert g -> unweighted SwiGLU expert outputs, fp32 [P, H]."""
+    lib = native()
+    n, (P, H), I = len(experts), xs.shape, experts[0][1].shape[1]
+    w13 = (ctypes.c_void_p * n)(*[a.data_ptr() for a, _ in experts])
+    w2 = (ctypes.c_void_p * n)(*[b.data_ptr() for _, b in experts])
+    off = torch.zeros(n + 1, dtype=torch.int64)
+    off[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
+    xs = xs.float().contiguous()
+    hbuf = torch.empty(P, 2 * I, dtype=torch.float32)
+    act = torch.empty(P, I, dtype=torch.float32)
+    y = torch.empty(P, H, dtype=torch.float32)
+    ptrs = [t.data_ptr() for t in (off, xs, hbuf, act, y)]
+    lib.mf_moe_grouped(n, w13, w2, *ptrs, P, H, I, _DTYPES[experts[0][0].dtype])
+    return y

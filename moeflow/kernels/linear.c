@@ -204,3 +204,72 @@ void mf_moe_token(int64_t n, const void **w13, const void **w2, const float *sca
     }
     free(xp);
 }
+
+/* rows [n, n+4) against mb (1-3) activation rows: each weight chunk is widened once and used
+ * for every token; 12 accumulators + 2 weight + 2 x registers fit AVX2's sixteen */
+static inline __attribute__((always_inline)) void tile_4xm(const void *w, int64_t n, const float *X, float *Y,
+                                                          const int mb, int64_t N, int64_t K, int64_t K16, int dt) {
+    __m256 acc[4][3];
+    for (int r = 0; r < 4; r++)
+        for (int t = 0; t < 3; t++) acc[r][t] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K16; k += 16) {
+        for (int r = 0; r < 4; r++) {
+            __m256 wl, wh;
+            load16(w, (n + r) * K + k, dt, &wl, &wh);
+            for (int t = 0; t < mb; t++) {
+                const float *x = X + t * K + k;
+                acc[r][t] = _mm256_fmadd_ps(wh, _mm256_loadu_ps(x + 8), _mm256_fmadd_ps(wl, _mm256_loadu_ps(x), acc[r][t]));
+            }
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int t = 0; t < mb; t++) Y[t * N + n + r] = hsum(acc[r][t]) + tail(w, n + r, X + t * K, K16, K, dt);
+}
+
+/* rows [n, n+4) of w against M activation rows X[M, K] -> Y[m * N + n + r] */
+static void rows4_all_tokens(const void *w, int64_t n, const float *X, float *Y, int64_t M, int64_t N, int64_t K,
+                             int64_t K16, int dt) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+        tile_2x4(w, n, X, Y, m, N, K, K16, dt);
+        tile_2x4(w, n + 2, X, Y, m, N, K, K16, dt);
+    }
+    switch (M - m) {
+    case 1: tile_4xm(w, n, X + m * K, Y + m * N, 1, N, K, K16, dt); break;
+    case 2: tile_4xm(w, n, X + m * K, Y + m * N, 2, N, K, K16, dt); break;
+    case 3: tile_4xm(w, n, X + m * K, Y + m * N, 3, N, K, K16, dt); break;
+    default: break;
+    }
+}
+
+/* Many tokens through their experts, grouped: expert g owns pair rows [off[g], off[g+1]) of
+ * Xs [P, H] (tokens gathered per expert). Y[P, H] = W2_g (silu(G_g x) * U_g x) for each pair,
+ * unweighted; the caller scales and scatters. Each weight row is read once per call and reused
+ * for all of its expert's tokens. hbuf holds P*2I floats, act P*I. Needs H % 4 == 0, I even. */
+void mf_moe_grouped(int64_t n_groups, const void **w13, const void **w2, const int64_t *off, const float *Xs_in,
+                    float *hbuf, float *act, float *Y, int64_t P, int64_t H, int64_t I, int dt) {
+    int64_t H16 = H / 16 * 16, I16 = I / 16 * 16, I2 = 2 * I;
+    float *xp = dt == BF16 ? permute_for_bf16(Xs_in, P, H, H16) : NULL;
+    const float *Xs = xp ? xp : Xs_in;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < n_groups * (I2 / 4); it++) {
+            int64_t g = it / (I2 / 4), r = 4 * (it - g * (I2 / 4));
+            rows4_all_tokens(w13[g], r, Xs + off[g] * H, hbuf + off[g] * I2, off[g + 1] - off[g], I2, H, H16, dt);
+        }
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < P * I; q++) {
+            int64_t p = q / I, i = q - p * I;
+            int64_t src = dt == BF16 ? bf16_lane(i, I16) : i;
+            const float *h = hbuf + p * I2;
+            act[q] = silu(h[src]) * h[I + src];
+        }
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < n_groups * (H / 4); it++) {
+            int64_t g = it / (H / 4), j = 4 * (it - g * (H / 4));
+            rows4_all_tokens(w2[g], j, act + off[g] * I, Y + off[g] * H, off[g + 1] - off[g], H, I, I16, dt);
+        }
+    }
+    free(xp);
+}

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeflow.kernels import moe_token_usable, native, native_linear, native_moe_token
+from moeflow.kernels import experts_usable, native, native_linear, native_moe_token
 from moeflow.layers.experts import run_experts
 
 pytestmark = pytest.mark.skipif(native() is None, reason="no native kernel on this machine")
@@ -44,7 +44,7 @@ def test_moe_token(dtype, H, I, n):
     ]
     x = torch.randn(1, H, generator=g)
     scale = torch.rand(n, generator=g)
-    assert moe_token_usable(x, experts[0][0])
+    assert experts_usable(x, experts[0][0])
     got = native_moe_token(x, scale, experts)[0].double()
     assert (got - expert_ref(x, scale, experts)).abs().max().item() < 1e-4
 
@@ -70,7 +70,7 @@ def test_grouped_experts_equal_token_by_token():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("counts", [[1], [2, 3], [5, 1, 4, 7], [16, 2]])
 def test_moe_grouped(dtype, counts):
-    from moeflow.kernels import moe_grouped_usable, native_moe_grouped
+    from moeflow.kernels import native_moe_grouped
 
     H, I = 96, 40
     g = torch.Generator().manual_seed(sum(counts))
@@ -82,7 +82,7 @@ def test_moe_grouped(dtype, counts):
         for _ in counts
     ]
     xs = torch.randn(sum(counts), H, generator=g)
-    assert moe_grouped_usable(xs, experts[0][0])
+    assert experts_usable(xs, experts[0][0])
     got = native_moe_grouped(xs, experts, counts).double()
     start = 0
     for n, pair in zip(counts, experts):

@@ -8,7 +8,7 @@ import sys
 from ..engine.sampling import SamplingParams
 from ..engine.sequence import RequestOutput
 from ..llm import LLM
-from .format import human
+from .format import human, llm_from_args
 
 
 def run(a) -> int:
@@ -21,14 +21,7 @@ def run(a) -> int:
         stop=a.stop,
         ignore_eos=a.ignore_eos,
     )
-    llm = LLM(
-        a.model,
-        dtype=a.dtype,
-        device=a.device,
-        threads=a.threads,
-        max_model_len=a.max_model_len,
-        progress=sys.stderr.isatty(),
-    )
+    llm = llm_from_args(a)
     prompt = [{"role": "user", "content": a.chat}] if a.chat else a.prompt
     if a.json:
         out = llm.generate([prompt] if a.chat else prompt, params, experts_top_k=a.experts_top_k)[0]

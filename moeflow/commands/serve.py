@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..llm import LLM
+from .format import llm_from_args
 
 
 def run(a) -> int:
@@ -13,15 +13,7 @@ def run(a) -> int:
 
     from ..serve.app import Server, create_app
 
-    llm = LLM(
-        a.model,
-        dtype=a.dtype,
-        device=a.device,
-        threads=a.threads,
-        max_model_len=a.max_model_len,
-        max_num_seqs=a.max_batch,
-        progress=sys.stderr.isatty(),
-    )
+    llm = llm_from_args(a, max_num_seqs=a.max_batch)
     name = a.served_model_name or Path(llm.loaded.path).name
     server = Server(llm, name, max_waiting=a.max_waiting)
     print(f"moeflow: serving '{name}' on http://{a.host}:{a.port}/v1", file=sys.stderr, flush=True)

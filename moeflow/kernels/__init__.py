@@ -93,8 +93,9 @@ def usable(x: torch.Tensor, w: torch.Tensor, max_rows: int) -> bool:
     )
 
 
-def moe_token_usable(x: torch.Tensor, w13: torch.Tensor) -> bool:
-    """The fused one-token expert kernel wants 4-aligned shapes and contiguous expert weights."""
+def experts_usable(x: torch.Tensor, w13: torch.Tensor) -> bool:
+    """The fused expert kernels want hidden and 2*intermediate sizes in multiples of four and
+    contiguous expert weights of a supported dtype."""
     H, I2 = x.shape[-1], w13.shape[0]
     return (
         x.device.type == "cpu"
@@ -120,18 +121,6 @@ def native_moe_token(x: torch.Tensor, scale: torch.Tensor, experts) -> torch.Ten
     ptrs = [t.data_ptr() for t in (scale, x, out, hbuf, act)]
     lib.mf_moe_token(n, w13, w2, *ptrs, H, I, _DTYPES[experts[0][0].dtype])
     return out
-
-
-def moe_grouped_usable(xs: torch.Tensor, w13: torch.Tensor) -> bool:
-    H, I2 = xs.shape[-1], w13.shape[0]
-    return (
-        xs.device.type == "cpu"
-        and w13.dtype in _DTYPES
-        and H % 4 == 0
-        and I2 % 4 == 0
-        and w13.is_contiguous()
-        and native() is not None
-    )
 
 
 def native_moe_grouped(xs: torch.Tensor, experts, counts: list[int]) -> torch.Tensor:

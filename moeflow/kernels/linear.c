@@ -166,6 +166,20 @@ static inline int64_t bf16_lane(int64_t q, int64_t n16) {
 
 static inline float silu(float g) { return g / (1.f + __builtin_expf(-g)); }
 
+/* act[p, :] = silu(gate) * up from hbuf[p] = [gate | up] for rows p < P, work shared by the
+ * calling team; for bf16 weights act comes out in the permuted lane order the down
+ * projection expects */
+static void swiglu_rows(const float *hbuf, float *act, int64_t P, int64_t I, int dt) {
+    int64_t I16 = I / 16 * 16;
+#pragma omp for schedule(static)
+    for (int64_t q = 0; q < P * I; q++) {
+        int64_t p = q / I, i = q - p * I;
+        int64_t src = dt == BF16 ? bf16_lane(i, I16) : i;
+        const float *h = hbuf + p * 2 * I;
+        act[q] = silu(h[src]) * h[I + src];
+    }
+}
+
 /* One token through n experts: out[H] = sum_e scale[e] * W2_e (silu(G_e x) * U_e x), where
  * W13_e = [G_e; U_e] is [2I, H] and W2_e is [H, I]. One parallel region for the whole layer:
  * gate/up rows of every expert, then the activations, then each thread sums the down
@@ -183,13 +197,7 @@ void mf_moe_token(int64_t n, const void **w13, const void **w2, const float *sca
             int64_t e = r / I2;
             tile_4x1(w13[e], r - e * I2, x, hbuf + e * I2, H, H16, dt);
         }
-#pragma omp for schedule(static)
-        for (int64_t q = 0; q < n * I; q++) {
-            int64_t e = q / I, i = q - e * I;
-            int64_t src = dt == BF16 ? bf16_lane(i, I16) : i;
-            const float *h = hbuf + e * I2;
-            act[q] = silu(h[src]) * h[I + src];
-        }
+        swiglu_rows(hbuf, act, n, I, dt);
         /* each thread owns a band of output rows and streams one expert's band at a time */
         int nt = omp_get_num_threads(), t = omp_get_thread_num();
         int64_t blocks = H / 4, lo = blocks * t / nt * 4, hi = blocks * (t + 1) / nt * 4;
@@ -258,13 +266,7 @@ void mf_moe_grouped(int64_t n_groups, const void **w13, const void **w2, const i
             int64_t g = it / (I2 / 4), r = 4 * (it - g * (I2 / 4));
             rows4_all_tokens(w13[g], r, Xs + off[g] * H, hbuf + off[g] * I2, off[g + 1] - off[g], I2, H, H16, dt);
         }
-#pragma omp for schedule(static)
-        for (int64_t q = 0; q < P * I; q++) {
-            int64_t p = q / I, i = q - p * I;
-            int64_t src = dt == BF16 ? bf16_lane(i, I16) : i;
-            const float *h = hbuf + p * I2;
-            act[q] = silu(h[src]) * h[I + src];
-        }
+        swiglu_rows(hbuf, act, P, I, dt);
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < n_groups * (H / 4); it++) {
             int64_t g = it / (H / 4), j = 4 * (it - g * (H / 4));

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..kernels import moe_grouped_usable, moe_token_usable, native_moe_grouped, native_moe_token
+from ..kernels import experts_usable, native_moe_grouped, native_moe_token
 from .linear import linear
 
 # fetch(expert ids) -> [(w13 [2I, H], w2 [H, I])] in the same order; the store decides where they come from
@@ -40,7 +40,7 @@ def run_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fetch
         GROUPED
         and w_dtype != torch.float32
         and max(sizes) < GROUPED_MAX_ROWS
-        and moe_grouped_usable(xs, weights_of[0][0])
+        and experts_usable(xs, weights_of[0][0])
     ):
         ys = native_moe_grouped(xs, weights_of, sizes).to(x.dtype)  # one call for the whole layer
     else:
@@ -55,7 +55,7 @@ def run_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fetch
 
 def _single_token(x: torch.Tensor, w: torch.Tensor, ids: list[int], fetch: Fetch) -> torch.Tensor:
     experts = fetch(ids)
-    if moe_token_usable(x, experts[0][0]):
+    if experts_usable(x, experts[0][0]):
         return native_moe_token(x, w, experts).to(x.dtype)  # one fused kernel call for the layer
     out = torch.zeros_like(x)
     scale = w.to(x.dtype)

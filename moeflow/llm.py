@@ -90,15 +90,12 @@ class LLM:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ConfigError(f"got {len(plist)} sampling params for {len(prompts)} prompts")
-        encoded = [self._encode(p) for p in prompts]  # all validated before any is queued
+        encoded = [self._encode(p) for p in prompts]
         need = max(len(ids) + sp.max_tokens for (_, ids), sp in zip(encoded, plist))
         self.engine.reserve(len(prompts), need)
-        try:
-            return [self.engine.add(ids, sp, text, experts_top_k) for (text, ids), sp in zip(encoded, plist)]
-        except Exception:
-            for s in list(self.engine.waiting):
-                self.engine.abort(s)
-            raise
+        for _, ids in encoded:  # all checked before any is queued, so a bad one queues nothing
+            self.engine.validate(ids, experts_top_k)
+        return [self.engine.add(ids, sp, text, experts_top_k) for (text, ids), sp in zip(encoded, plist)]
 
     def generate(
         self,

@@ -90,3 +90,15 @@ def test_chat_messages(llm):
     )
     assert len(out) == 1 and len(out[0].token_ids) == 4
     assert "<|im_start|>assistant" in out[0].prompt
+
+
+def test_rejected_batch_keeps_other_queued_work(llm):
+    from moeflow.errors import PromptError
+
+    queued = llm.engine.add([5, 6, 7], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    with pytest.raises(PromptError):
+        llm.generate(["fine", "word " * 5000], SamplingParams(max_tokens=2))
+    assert list(llm.engine.waiting) == [queued]  # nothing of the bad batch queued, the other kept
+    while queued.finish_reason is None:
+        llm.engine.step()
+    assert len(queued.output_ids) == 2

@@ -50,10 +50,7 @@ class Engine:
         prompt: str | None = None,
         experts_top_k: int | None = None,
     ) -> Sequence:
-        self.validate(prompt_ids)
-        n_experts = self.args.moe.n_experts
-        if experts_top_k is not None and not 0 < experts_top_k <= n_experts:
-            raise ConfigError(f"experts top_k must be in 1..{n_experts}, got {experts_top_k}")
+        self.validate(prompt_ids, experts_top_k)
         eos = set() if params.ignore_eos else set(self.args.eos_token_ids) | self._tokenizer_eos()
         seq = Sequence(
             request_id=next(self._ids),
@@ -70,8 +67,11 @@ class Engine:
         self.waiting.append(seq)
         return seq
 
-    def validate(self, prompt_ids: list[int]) -> None:
-        """Raises PromptError for a prompt this engine can never serve; touches no state."""
+    def validate(self, prompt_ids: list[int], experts_top_k: int | None = None) -> None:
+        """Raises for a request this engine can never serve; touches no state."""
+        n_experts = self.args.moe.n_experts
+        if experts_top_k is not None and not 0 < experts_top_k <= n_experts:
+            raise ConfigError(f"experts top_k must be in 1..{n_experts}, got {experts_top_k}")
         if not prompt_ids:
             raise PromptError("prompt is empty")
         if len(prompt_ids) >= self.max_model_len:

@@ -75,7 +75,7 @@ class EngineThread:
         index=0,
     ) -> Handle:
         """Validates now (raising for bad input), queues, and returns the request's handle."""
-        self.engine.validate(prompt_ids)
+        self.engine.validate(prompt_ids, experts_top_k)
         handle = Handle(prompt_ids, params, experts_top_k, asyncio.get_running_loop(), queue, index)
         with self._wake:
             if self.waiting >= self.max_waiting:

@@ -24,7 +24,7 @@ def run(a) -> int:
     llm = llm_from_args(a)
     prompt = [{"role": "user", "content": a.chat}] if a.chat else a.prompt
     if a.json:
-        out = llm.generate([prompt] if a.chat else prompt, params, experts_top_k=a.experts_top_k)[0]
+        out = llm.generate(prompt, params, experts_top_k=a.experts_top_k)[0]
         print(json.dumps(as_dict(out), indent=2))
         return 0
     if not a.chat:

@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from ..kernels import experts_usable, native_moe_grouped, native_moe_token
 from .linear import linear
 
-# fetch(expert ids) -> [(w13 [2I, H], w2 [H, I])] in the same order; the store decides where they come from
 # 16-bit experts whose blocks are all below this many tokens take the native grouped kernel
 # (bf16 decode of 16 rows: ~80 vs ~65 tok/s); fp32 experts stay on MKL, which measured faster
 GROUPED_MAX_ROWS = 16
 GROUPED = os.environ.get("MOEFLOW_GROUPED", "1") != "0"
 
+# fetch(expert ids) -> [(w13 [2I, H], w2 [H, I])] in the same order; the store decides where they come from
 Fetch = Callable[[Sequence[int]], Sequence[tuple[torch.Tensor, torch.Tensor]]]
 
 

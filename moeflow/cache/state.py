@@ -1,0 +1,195 @@
+"""Which experts are resident in a fast tier: membership, capacity and counters of one expert cache.
+
+The cache knows nothing of weights or of the model: it answers which (layer, expert) keys must be
+loaded and which left, and a Policy ranks the eviction candidates. Keys are flat ints
+`layer * n_experts + expert`, layer being the index among the MoE layers (0..L-1)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .capacity import CacheCapacity
+from .policies import Policy
+
+_NONE = np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class CacheStats:
+    accesses: int = 0  # demand accesses: one per expert per token-layer
+    hits: int = 0  # demand accesses that found the key resident (prefetch hits included)
+    misses: int = 0  # demand accesses that had to load the key before the layer could run
+    evictions: int = 0
+    prefetches: int = 0  # keys brought in ahead of their use
+    prefetch_hits: int = 0  # demand hits on a prefetched key, at its first use
+    wasted_prefetches: int = 0  # prefetched keys evicted before any use
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.accesses if self.accesses else 0.0
+
+    @property
+    def loads(self) -> int:
+        """Keys moved from the slow tier: demand misses and prefetches."""
+        return self.misses + self.prefetches
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"hit_rate": self.hit_rate, "loads": self.loads}
+
+
+@dataclass
+class Access:
+    """What one request or prefetch did: per-row counts, and the keys that came and went."""
+
+    hits: np.ndarray  # [n] keys already resident
+    misses: np.ndarray  # [n] keys loaded now (on demand, or for a prefetch its transfers)
+    prefetch_hits: np.ndarray  # [n] demand hits on keys a prefetch brought in
+    loaded: np.ndarray  # flat keys to copy into the fast tier
+    evicted: np.ndarray  # flat keys whose slots are now free (before `loaded` takes them)
+
+
+class ExpertCache:
+    def __init__(self, n_layers: int, n_experts: int, capacity: CacheCapacity, policy: Policy):
+        self.n_layers, self.n_experts = n_layers, n_experts
+        self.capacity, self.policy = capacity, policy
+        n = n_layers * n_experts
+        self.resident = np.zeros(n, dtype=bool)
+        self.pending = np.zeros(n, dtype=bool)  # prefetched and not yet asked for
+        self.count = np.zeros(n_layers, dtype=np.int64)  # resident keys per layer
+        self._protect = np.zeros(n, dtype=bool)  # in use by the current request: never a victim
+        self.stats = CacheStats()
+
+    def __len__(self) -> int:
+        return int(self.count.sum())
+
+    def split(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Flat keys -> (layer indices, expert ids)."""
+        return keys // self.n_experts, keys % self.n_experts
+
+    def request(self, layer: int, ids, t: int) -> Access:
+        """Layer `layer` of token t runs on experts `ids` (-1 = unused slot): all must be resident."""
+        return self.request_layers(np.array([layer]), np.asarray(ids).reshape(1, -1), t)
+
+    def request_layers(self, layers: np.ndarray, ids: np.ndarray, t: int) -> Access:
+        """Several distinct layers of token t at once ([n] layers, [n, K] ids). Only a per-layer
+        cache accepts more than one: its layers never compete, so their order does not matter."""
+        rows, keys = self._flat(layers, ids)
+        self._check_fits(layers, rows, keys, prefetch=False)
+        hit = self.resident[keys]
+        first_use = hit & self.pending[keys]
+        new = keys[~hit]
+        evicted = self._make_room(layers, np.bincount(rows[~hit], minlength=len(layers)), keys)
+        self._insert(new, t)
+        self.pending[keys[first_use]] = False
+        self.policy.touch(keys, t)
+        s = self.stats
+        s.accesses, s.hits, s.misses = s.accesses + len(keys), s.hits + int(hit.sum()), s.misses + len(new)
+        s.prefetch_hits += int(first_use.sum())
+        n = len(layers)
+        return Access(
+            _per_row(rows, hit, n), _per_row(rows, ~hit, n), _per_row(rows, first_use, n), new, evicted
+        )
+
+    def prefetch(self, layer: int, ids, t: int, protect: np.ndarray | None = None) -> Access:
+        """Bring in experts `ids` of `layer` ahead of token t's use, counting no demand access.
+        `protect`: keys in use right now (the running layer's), which must stay."""
+        return self.prefetch_layers(np.array([layer]), np.asarray(ids).reshape(1, -1), t, protect)
+
+    def prefetch_layers(
+        self, layers: np.ndarray, ids: np.ndarray, t: int, protect: np.ndarray | None = None
+    ) -> Access:
+        rows, keys = self._flat(layers, ids)
+        held = np.union1d(keys, protect) if protect is not None else keys
+        self._check_fits(layers, rows, held, prefetch=True)
+        absent = ~self.resident[keys]
+        new = keys[absent]
+        evicted = self._make_room(layers, np.bincount(rows[absent], minlength=len(layers)), held)
+        self._insert(new, t)
+        self.pending[new] = True
+        self.stats.prefetches += len(new)
+        n = len(layers)
+        return Access(_per_row(rows, ~absent, n), _per_row(rows, absent, n), np.zeros(n, int), new, evicted)
+
+    def _flat(self, layers: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Valid slots of [n, K] ids -> (row of each, flat key of each)."""
+        layers = np.asarray(layers, dtype=np.int64)
+        ids = np.asarray(ids).reshape(len(layers), -1)
+        valid = ids >= 0
+        rows = np.nonzero(valid)[0]
+        chosen = ids[valid].astype(np.int64)
+        if chosen.size and chosen.max() >= self.n_experts:
+            raise ValueError(f"expert id {chosen.max()} out of range for {self.n_experts} experts")
+        return rows, layers[rows] * self.n_experts + chosen
+
+    def _check_fits(self, layers: np.ndarray, rows: np.ndarray, held: np.ndarray, prefetch: bool) -> None:
+        what = "experts of a prefetch and of the layer running" if prefetch else "experts of one layer-step"
+        if self.capacity.per_layer is None:
+            if len(layers) > 1:
+                raise ValueError("a globally shared cache takes one layer per request")
+            self.capacity.check_fits(len(held), what)
+        elif len(rows):
+            if len(np.unique(layers)) < len(layers):
+                raise ValueError("a request names the same layer twice")
+            self.capacity.check_fits(int(np.bincount(rows).max()), what)
+
+    def _make_room(self, layers: np.ndarray, incoming: np.ndarray, held: np.ndarray) -> np.ndarray:
+        """Evicts what `incoming` new keys per row need, never a key of `held`; returns the victims."""
+        self._protect[held] = True
+        try:
+            if self.capacity.per_layer is not None:
+                victims = self._victims_per_layer(layers, incoming)
+            else:
+                victims = self._victims_global(int(incoming.sum()))
+        finally:
+            self._protect[held] = False
+        if len(victims):
+            self.resident[victims] = False
+            self.count -= np.bincount(victims // self.n_experts, minlength=self.n_layers)
+            self.stats.wasted_prefetches += int(self.pending[victims].sum())
+            self.pending[victims] = False
+            self.policy.forget(victims)
+            self.stats.evictions += len(victims)
+        return victims
+
+    def _victims_per_layer(self, layers: np.ndarray, incoming: np.ndarray) -> np.ndarray:
+        need = self.count[layers] + incoming - self.capacity.per_layer
+        full = np.flatnonzero(need > 0)
+        if not len(full):
+            return _NONE
+        E = self.n_experts
+        block = layers[full][:, None] * E + np.arange(E)  # [r, E] every key of each full layer
+        rank = self.policy.priority(block.ravel()).reshape(block.shape)
+        rank = np.where(self.resident[block] & ~self._protect[block], rank, np.inf)
+        return block[_lowest(rank, need[full])]
+
+    def _victims_global(self, incoming: int) -> np.ndarray:
+        need = len(self) + incoming - self.capacity.total
+        if need <= 0:
+            return _NONE
+        candidates = np.flatnonzero(self.resident & ~self._protect)
+        return candidates[_lowest(self.policy.priority(candidates)[None], np.array([need]))[0]]
+
+    def _insert(self, keys: np.ndarray, t: int) -> None:
+        if len(keys):
+            self.resident[keys] = True
+            self.count += np.bincount(keys // self.n_experts, minlength=self.n_layers)
+            self.policy.admit(keys, t)
+
+
+def _per_row(rows: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
+    return np.bincount(rows[mask], minlength=n)
+
+
+def _lowest(rank: np.ndarray, need: np.ndarray) -> np.ndarray:
+    """[r, n] bool: the need[i] lowest ranks of each row i; among equal ranks the lower column goes
+    first. A partition finds each row's threshold, cheaper than sorting the rows."""
+    if (need == 1).all():  # the usual case; argmin takes the first of equals
+        mask = np.zeros(rank.shape, dtype=bool)
+        mask[np.arange(len(need)), rank.argmin(axis=1)] = True
+        return mask
+    threshold = np.partition(rank, np.unique(need) - 1, axis=1)[np.arange(len(need)), need - 1][:, None]
+    below = rank < threshold
+    tie = rank == threshold
+    return below | (tie & (np.cumsum(tie, axis=1) <= need[:, None] - below.sum(1, keepdims=True)))

@@ -36,6 +36,8 @@ def our_logits(lm, tokens: list[int], n_prefill: int) -> torch.Tensor:
 @pytest.mark.parametrize("fused", [False, True], ids=["per-expert", "fused"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_logits_match_transformers(checkpoint, name, fused):
+    if fused and CONFIGS[name][0] == "llama":
+        pytest.skip("dense model: no expert layout to vary")
     folder, ref = checkpoint(name, fused)
     lm = load(folder, progress=False)
     tokens = prompt(PROMPT_LEN + DECODE_STEPS, seed=1)

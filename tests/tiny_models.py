@@ -33,6 +33,7 @@ _DEEPSEEK = dict(
 
 # name -> (model_type, overrides). Variants cover every routing and attention option we read.
 CONFIGS: dict[str, tuple[str, dict]] = {
+    "llama": ("llama", dict(tie_word_embeddings=True, rope_theta=100000.0)),
     "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
     "mixtral-swa": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=6)),
     "qwen2_moe": (

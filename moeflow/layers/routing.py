@@ -56,3 +56,10 @@ def sigmoid_group_topk(
     if renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return weights * scale, ids
+
+
+def topk_sum(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Converted dense models: the top-k experts by router logit, each with weight 1, so the
+    layer output is the plain sum of the chosen slices of the original FFN."""
+    ids = torch.topk(logits.float(), top_k, dim=-1).indices
+    return torch.ones(ids.shape, dtype=torch.float32, device=ids.device), ids

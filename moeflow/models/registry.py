@@ -6,7 +6,16 @@ from types import ModuleType
 from ..errors import CheckpointError, UnsupportedModelError
 from .args import ModelArgs
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+FAMILIES = (
+    "llama",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "moeflow_llama_moe",
+)
 
 
 def family(model_type: str) -> ModuleType:

@@ -20,6 +20,7 @@ class ForwardContext:
     dtype: torch.dtype
     row_top_k: list[int] | None = None  # experts per token for each row; None: the model's top-k
     counts: torch.Tensor | None = None  # [B, n_layers, E] experts chosen per row, filled when given
+    routes: dict | None = None  # layer -> (weights [T, K], ids [T, K], -1 = unused slot), when given
     _cos_sin: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def rope(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,3 +43,8 @@ class ForwardContext:
         rows = self.batch.row_of_token if tokens is None else self.batch.row_of_token[tokens]
         rows = rows[:, None].expand_as(ids)
         self.counts[:, layer] += torch.bincount((rows * E + ids).reshape(-1), minlength=B * E).view(B, E)
+
+    def keep_route(self, layer: int, weights: torch.Tensor, ids: torch.Tensor) -> None:
+        """Records the routing decision of every token (traces); free when routes is None."""
+        if self.routes is not None:
+            self.routes[layer] = (weights.detach().cpu(), ids.detach().cpu())

@@ -48,6 +48,9 @@ class MoEBlock(nn.Module):
             w, i = self._route(logits[sel], k)
             weights[sel, :k], ids[sel, :k], ids[sel, k:] = w, i, i[:, :1]
             ctx.record(layer, i, sel)
+        if ctx.routes is not None:
+            unused = torch.arange(k_max, device=ks.device)[None, :] >= ks[:, None]
+            ctx.keep_route(layer, weights, ids.masked_fill(unused, -1))
         return weights, ids
 
     def forward(self, x: torch.Tensor, ctx, layer: int) -> torch.Tensor:
@@ -56,6 +59,7 @@ class MoEBlock(nn.Module):
         if ks is None:
             weights, ids = self._route(logits, self.m.top_k)
             ctx.record(layer, ids)
+            ctx.keep_route(layer, weights, ids)
         else:
             weights, ids = self._route_per_token(logits, ks, ctx, layer)
         out = run_experts(x, weights, ids, lambda active: ctx.experts.fetch(layer, active))

@@ -107,3 +107,24 @@ class Checkpoint:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+class MemoryCheckpoint:
+    """Tensors already in memory behind Checkpoint's reading interface (conversion and calibration)."""
+
+    def __init__(self, config: dict, tensors: dict[str, torch.Tensor], path: str | Path = "<memory>"):
+        self.config, self.tensors, self.path = config, tensors, Path(path)
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.tensors:
+            raise CheckpointError(f"tensor {name} is missing from the checkpoint")
+        return self.tensors[name]
+
+    def close(self) -> None:
+        pass

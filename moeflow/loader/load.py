@@ -14,7 +14,7 @@ from ..expert_store import ResidentExperts
 from ..models.args import ModelArgs
 from ..models.registry import parse_args
 from ..models.transformer import CausalLM
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, MemoryCheckpoint
 from .experts import check_shape, layer_experts
 
 # small routing tensors stay fp32 in every compute dtype: expert choice is sensitive to rounding
@@ -31,9 +31,12 @@ class LoadedModel:
 
 
 def load(
-    path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", progress: bool = True
+    path: str | Path | MemoryCheckpoint,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    progress: bool = True,
 ) -> LoadedModel:
-    ckpt = Checkpoint(path)
+    ckpt = path if isinstance(path, MemoryCheckpoint) else Checkpoint(path)
     args, fam = parse_args(ckpt.config)
     with torch.device("meta"):
         model = CausalLM(args, fam.route(args))

@@ -1,0 +1,99 @@
+"""`moeflow convert dense-to-moe`: the whole conversion, from a dense model to a checkpoint folder."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..errors import ConfigError
+from .calibrate import ffn_inputs
+from .dense import DenseModel, read_dense, write_folder
+from .moefy import ConvertConfig, convert_layer, layer_tensors
+
+MODEL_TYPE = "moeflow_llama_moe"
+
+
+@dataclass
+class ConvertSummary:
+    out: str
+    experts: int
+    shared: int
+    top_k: int
+    expert_width: int
+    active_share: float  # FFN neurons computed per token
+    calibration_tokens: int
+    router_mass_recall: float  # mean over layers: share of the best top-k mass the router picks
+    seconds: float
+
+
+def moe_config(dense: DenseModel, cfg: ConvertConfig, n_tokens: int) -> dict:
+    m = dense.config["intermediate_size"] // cfg.experts
+    c = dict(dense.config)
+    c.update(
+        model_type=MODEL_TYPE,
+        architectures=["MoeflowLlamaMoeForCausalLM"],
+        num_experts=cfg.routed,
+        num_experts_per_tok=cfg.top_k,
+        moe_intermediate_size=m,
+        shared_expert_intermediate_size=cfg.shared * m,
+        moeflow_conversion={**asdict(cfg), "source": dense.source, "calibration_tokens": n_tokens},
+    )
+    return c
+
+
+def convert(
+    dense: DenseModel,
+    out: Path,
+    cfg: ConvertConfig,
+    calibration: str | list[int],
+    progress: bool = True,
+    inputs: list | None = None,
+) -> ConvertSummary:
+    """calibration: text, or token ids; inputs: FFN inputs already recorded by calibrate.ffn_inputs
+    (reused across conversions)."""
+    t0 = time.perf_counter()
+    cfg.check(dense.config["intermediate_size"])
+    if inputs is None:
+        ids = calibration if isinstance(calibration, list) else _encode(dense, calibration)
+        inputs = ffn_inputs(dense, ids, cfg.calibration_tokens, progress)
+    inputs = list(inputs)  # entries are dropped as layers are done; the caller's list stays whole
+    n_tokens = inputs[0].shape[0]
+    tensors = {k: v for k, v in dense.tensors.items() if ".mlp." not in k}
+    recall = []
+    for i in tqdm(range(dense.n_layers), desc="converting", unit="layer", disable=not progress):
+        gate, up, down = dense.ffn(i)
+        layer = convert_layer(inputs[i], gate, up, down, cfg)
+        inputs[i] = None  # frees this layer's calibration states
+        tensors.update(layer_tensors(i, layer, gate, up))
+        recall.append(layer.stats.get("recall_trained", layer.stats["recall_centroid"]))
+    write_folder(out, moe_config(dense, cfg, n_tokens), tensors, dense.tokenizer)
+    return ConvertSummary(
+        out=str(out),
+        experts=cfg.experts,
+        shared=cfg.shared,
+        top_k=cfg.top_k,
+        expert_width=dense.config["intermediate_size"] // cfg.experts,
+        active_share=cfg.active_share(),
+        calibration_tokens=n_tokens,
+        router_mass_recall=float(np.mean(recall)),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _encode(dense: DenseModel, text: str) -> list[int]:
+    if dense.tokenizer is None:
+        raise ConfigError(f"{dense.source} has no tokenizer to encode the calibration text")
+    return dense.tokenizer.encode(text, add_special_tokens=False)
+
+
+def convert_path(src: str, out: str, cfg: ConvertConfig, calibration: str, progress: bool = True):
+    out_path = Path(out).expanduser()
+    if out_path.exists():
+        raise ConfigError(f"output folder already exists: {out_path}")
+    dense = read_dense(src)
+    cfg.check(dense.config["intermediate_size"])  # before the slow calibration pass
+    return convert(dense, out_path, cfg, calibration, progress)

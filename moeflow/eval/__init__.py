@@ -1,0 +1,1 @@
+"""Quality and routing measurements over text: perplexity and routing traces."""

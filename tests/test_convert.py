@@ -1,0 +1,148 @@
+"""Dense -> MoE conversion against transformers' dense Llama (the reference we did not write)."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from moeflow.convert.dense import read_dense
+from moeflow.convert.dense_to_moe import convert
+from moeflow.convert.moefy import ConvertConfig
+from moeflow.engine.batch import StepBatch
+from moeflow.engine.context import ForwardContext
+from moeflow.engine.kv_cache import KVCache
+from moeflow.layers.rope import Rotary
+from moeflow.loader.load import load
+
+from test_cli_errors import assert_clean_error, cli
+from test_parity import our_logits, prompt
+
+WIDTH = 96  # tiny llama's intermediate_size
+
+
+def calibration(n: int = 1024) -> list[int]:
+    return prompt(n, seed=7)
+
+
+@pytest.fixture(scope="module")
+def dense(checkpoint):
+    folder, ref = checkpoint("llama")
+    return read_dense(folder), ref
+
+
+def converted(dense_model, tmp_path, **kw):
+    cfg = ConvertConfig(calibration_tokens=1024, **kw)
+    out = tmp_path / "moe"
+    convert(dense_model, out, cfg, calibration(), progress=False)
+    return out
+
+
+@pytest.mark.parametrize("shared", [0, 2])
+def test_all_experts_equal_the_dense_model(dense, tmp_path, shared):
+    model, ref = dense
+    out = converted(model, tmp_path, experts=8, top_k=8 - shared, shared=shared, distill=True)
+    tokens = prompt(26, seed=1)
+    with torch.no_grad():
+        want = ref(torch.tensor([tokens])).logits[0]
+    got = our_logits(load(out, progress=False), tokens, 16)
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_experts_partition_the_dense_neurons(dense, tmp_path):
+    model, _ = dense
+    out = converted(model, tmp_path, experts=8, top_k=3, shared=1)
+    w = load_file(str(out / "model.safetensors"))
+    gate = model.tensors["model.layers.0.mlp.gate_proj.weight"]
+    parts = [w["model.layers.0.mlp.shared_expert.gate_proj.weight"]]
+    parts += [w[f"model.layers.0.mlp.experts.{e}.gate_proj.weight"] for e in range(7)]
+    rows = torch.cat(parts)
+    assert rows.shape == gate.shape and all(p.shape[0] == WIDTH // 8 for p in parts)
+    order = [int((gate == r).all(1).nonzero()[0, 0]) for r in rows]
+    assert sorted(order) == list(range(WIDTH)), "each dense neuron sits in exactly one expert"
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"]) == (7, 3, 12)
+
+
+def direct_moe(w: dict, layer: int, x: torch.Tensor, k: int, n_experts: int) -> torch.Tensor:
+    """The converted layer written out by hand: top-k experts by router logit, outputs summed."""
+    p = f"model.layers.{layer}.mlp."
+    ids = (x @ w[p + "gate.weight"].T).topk(k, dim=1).indices
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for e in ids[t].tolist():
+            g, u, d = (w[f"{p}experts.{e}.{n}_proj.weight"] for n in ("gate", "up", "down"))
+            out[t] += d @ (F.silu(g @ x[t]) * (u @ x[t]))
+    if p + "shared_expert.gate_proj.weight" in w:
+        g, u, d = (w[f"{p}shared_expert.{n}_proj.weight"] for n in ("gate", "up", "down"))
+        out += (F.silu(x @ g.T) * (x @ u.T)) @ d.T
+    return out
+
+
+@pytest.mark.parametrize("distill", [False, True])
+def test_fewer_experts_match_a_direct_computation(dense, tmp_path, distill):
+    model, _ = dense
+    out = converted(model, tmp_path, experts=8, top_k=3, shared=1, distill=distill)
+    lm = load(out, progress=False)
+    x = torch.randn(12, 64, generator=torch.Generator().manual_seed(3))
+    batch = StepBatch.build([list(range(12))], [0], [0])
+    ctx = ForwardContext(
+        batch,
+        KVCache.for_model(lm.args, 1, 12, torch.float32),
+        lm.experts,
+        Rotary(lm.args.attention.rope),
+        torch.float32,
+    )
+    for layer in (0, 1):
+        got = lm.model.model.layers[layer].mlp(x, ctx, layer)
+        want = direct_moe(load_file(str(out / "model.safetensors")), layer, x, 3, 7)
+        assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_fewer_experts_change_the_output_and_runtime_top_k_restores_it(dense, tmp_path):
+    """K < E is a real approximation; asking for all experts at run time gives the dense model back."""
+    from moeflow import LLM, SamplingParams
+
+    model, ref = dense
+    out = converted(model, tmp_path, experts=8, top_k=2)
+    tokens = prompt(16, seed=2)
+    with torch.no_grad():
+        want = ref(torch.tensor([tokens])).logits[0, -1]
+    llm = LLM(out, progress=False)
+    assert llm.generate(prompt_token_ids=[tokens], sampling_params=SamplingParams(max_tokens=1))
+    lm = load(out, progress=False)
+    full = our_logits(lm, tokens, 16)[-1]
+    assert (full - want).abs().max().item() > 1e-3, "top-2 of 8 should not equal the dense model"
+    cache = KVCache.for_model(lm.args, 1, 16, torch.float32)
+    ctx = ForwardContext(
+        StepBatch.build([tokens], [0], [0]),
+        cache,
+        lm.experts,
+        Rotary(lm.args.attention.rope),
+        torch.float32,
+        row_top_k=[8],
+    )
+    assert (lm.model(ctx)[0] - want).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--experts", "7", "--top-k", "2"], "does not divide the FFN width 96"),
+        (["--experts", "8", "--top-k", "9"], "--top-k must be in 1..8"),
+        (["--experts", "8", "--top-k", "8", "--shared-experts", "1"], "--top-k must be in 1..7"),
+        (["--experts", "8", "--top-k", "2", "--shared-experts", "8"], "--shared-experts"),
+    ],
+)
+def test_bad_conversion_settings(checkpoint, tmp_path, flags, needle):
+    folder, _ = checkpoint("llama")
+    r = cli("convert", "dense-to-moe", str(folder), str(tmp_path / "out"), *flags)
+    assert_clean_error(r, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_moe_source_is_refused(checkpoint, tmp_path):
+    folder, _ = checkpoint("mixtral")
+    r = cli("convert", "dense-to-moe", str(folder), str(tmp_path / "out"), "--experts", "4", "--top-k", "2")
+    assert_clean_error(r, "model_type 'mixtral'")

@@ -1,11 +1,16 @@
-"""Command line: `moeflow generate`, `moeflow info`. Errors become one line and a non-zero exit."""
+"""Command line: generate, chat, info, serve, convert, eval, trace. Errors become one line and exit 1."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from .errors import MoeflowError
+
+# subcommands whose module declares its own arguments: command name -> module in commands/
+_EXTRA = {"convert": "convert", "eval": "evaluate", "trace": "trace"}
+_BUILTIN = {"generate": "generate", "chat": "chat", "serve": "serve", "info": "info"}
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -35,6 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--json", action="store_true", help="print the result as JSON instead of streaming")
+    c = sub.add_parser("chat", help="interactive chat on the terminal, one line per turn")
+    _add_model_args(c)
+    c.add_argument("--system", default=None, help="system message")
+    c.add_argument("--max-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--experts-top-k", type=int, default=None)
+    c.add_argument("--max-model-len", type=int, default=None)
     i = sub.add_parser("info", help="architecture, parameter counts and bytes touched per token")
     _add_model_args(i)
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
@@ -50,19 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--served-model-name", default=None, help="the model id clients send (default: folder name)"
     )
     s.add_argument("--log-level", default="warning")
+    for mod in _EXTRA.values():
+        importlib.import_module(f".commands.{mod}", __package__).add_parser(sub)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "generate":
-            from .commands.generate import run
-        elif args.command == "serve":
-            from .commands.serve import run
-        else:
-            from .commands.info import run
-        return run(args)
+        name = {**_BUILTIN, **_EXTRA}[args.command]
+        return importlib.import_module(f".commands.{name}", __package__).run(args)
     except MoeflowError as e:
         print(f"moeflow: error: {e}", file=sys.stderr)
         return 1

@@ -12,8 +12,8 @@ from .engine.sampling import SamplingParams
 from .engine.sequence import RequestOutput, Sequence
 from .errors import ConfigError
 from .kernels import native
-from .loader.load import load
-from .tokenizer import apply_chat, encode, load_tokenizer
+from .loader.open import open_model
+from .tokenizer import apply_chat, encode
 
 DTYPES = {
     "float32": torch.float32,
@@ -61,9 +61,8 @@ class LLM:
         self.dtype, self.device = resolve_dtype(dtype), resolve_device(device)
         if self.device == "cpu":
             native()  # build or load the kernel now, not inside the first request's timing
-        self.loaded = load(model, self.dtype, self.device, progress=progress)
+        self.loaded, self.tokenizer = open_model(model, self.dtype, self.device, progress)
         self.args = self.loaded.args
-        self.tokenizer = load_tokenizer(self.loaded.path)
         limit = self.args.max_position
         if max_model_len is not None and not 1 < max_model_len <= limit:
             raise ConfigError(

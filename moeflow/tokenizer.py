@@ -14,11 +14,16 @@ def load_tokenizer(path: Path):
     if not any((path / f).exists() for f in _FILES):
         return None
     from transformers import AutoTokenizer
+    from transformers.utils import logging
 
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()  # it warns about model types it does not know (ours); not a fault
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # transformers raises many types for broken tokenizer files
         raise CheckpointError(f"cannot load the tokenizer in {path}: {e}") from None
+    finally:
+        logging.set_verbosity(level)
 
 
 def encode(tokenizer, text: str) -> list[int]:

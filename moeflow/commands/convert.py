@@ -1,0 +1,57 @@
+"""`moeflow convert dense-to-moe SRC OUT`: split a dense Llama's FFNs into experts."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..convert.dense_to_moe import convert_path
+from ..convert.moefy import ConvertConfig
+from ..corpus import read_text
+
+
+def add_parser(sub) -> None:
+    c = sub.add_parser("convert", help="convert models (dense-to-moe)")
+    kinds = c.add_subparsers(dest="kind", required=True)
+    d = kinds.add_parser("dense-to-moe", help="split a dense Llama's FFNs into routed experts")
+    d.add_argument("src", help="dense Llama: a .gguf file or a safetensors checkpoint folder")
+    d.add_argument("out", help="new checkpoint folder (must not exist)")
+    d.add_argument("--experts", type=int, required=True, help="E: equal slices of each FFN (shared included)")
+    d.add_argument("--top-k", type=int, required=True, help="K: routed experts run per token")
+    d.add_argument("--shared-experts", type=int, default=0, help="S: slices always on (most active neurons)")
+    d.add_argument(
+        "--calibration",
+        nargs="+",
+        default=["builtin:calibration"],
+        metavar="FILE",
+        help="calibration text files (default: builtin:calibration, Python's stdlib docstrings)",
+    )
+    d.add_argument("--calibration-tokens", type=int, default=32768)
+    d.add_argument("--no-router-training", action="store_true", help="keep the centroid router")
+    d.add_argument("--distill", action="store_true", help="refit down projections to the dense output")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def run(a) -> int:
+    cfg = ConvertConfig(
+        experts=a.experts,
+        top_k=a.top_k,
+        shared=a.shared_experts,
+        train_router=not a.no_router_training,
+        distill=a.distill,
+        calibration_tokens=a.calibration_tokens,
+        seed=a.seed,
+    )
+    text = "\n\n".join(read_text(f) for f in a.calibration)
+    s = convert_path(a.src, a.out, cfg, text, progress=sys.stderr.isatty())
+    if a.json:
+        print(json.dumps(s.__dict__, indent=2))
+        return 0
+    print(
+        f"wrote {s.out}: {s.experts} experts of {s.expert_width} neurons per layer "
+        f"({s.shared} shared, top-{s.top_k} routed), {100 * s.active_share:.1f}% of FFN neurons active "
+        f"per token | router picks {100 * s.router_mass_recall:.1f}% of the best top-k activation mass "
+        f"| calibrated on {s.calibration_tokens} tokens | {s.seconds:.0f} s"
+    )
+    return 0

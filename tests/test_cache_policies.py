@@ -89,16 +89,17 @@ def test_hot_set_sizes():
     assert total.tolist() == [[False, True, False, False], [False, False, False, True]]
 
 
-def test_reuse_ranks_rate_then_layer_phase():
-    p = Reuse(n_layers=2, n_experts=4, half_life=4.0)
+def test_reuse_blends_frequency_and_recency():
+    p = Reuse(n_keys=4, half_life=4.0)
     for t in range(6):
-        p.touch(np.array([0]), t)  # expert 0 of layer 0: every token
-    p.touch(np.array([1]), 6)  # expert 1 of layer 0: once, most recently
-    assert p.priority(np.array([0]))[0] > p.priority(np.array([1]))[0]  # popular beats recent
-    q = Reuse(n_layers=2, n_experts=4, half_life=4.0)
-    q.touch(np.array([0]), 0)  # layer 0
-    q.touch(np.array([4]), 0)  # layer 1: the pass is now at layer 1, so layer 0 runs next
-    assert q.priority(np.array([0]))[0] > q.priority(np.array([4]))[0]
+        p.touch(np.array([0]), t)  # every token up to 5
+    p.touch(np.array([1]), 6)  # once, most recently
+    p.touch(np.array([2]), 1)  # once, long ago
+    rank = p.priority(np.arange(4))
+    assert rank[0] > rank[1] > rank[2] > rank[3]  # popular, recent, old, never used
+    # the score is log2 of the decayed count, shifted by a common t / half_life
+    expected = sum(0.5 ** ((6 - t) / 4.0) for t in range(6))
+    assert rank[0] - rank[1] == pytest.approx(np.log2(expected))
 
 
 def random_trace(T: int, L: int, E: int, K: int, seed: int) -> np.ndarray:

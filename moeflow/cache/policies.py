@@ -112,42 +112,29 @@ def hot_set(profile: np.ndarray, capacity: CacheCapacity, top_k: int, fraction: 
 
 
 class Reuse:
-    """Evicts the key whose next use looks farthest away: Belady's rule with the future estimated.
+    """Evicts the key least likely to be used again soon, scored by an exponentially decayed count
+    of the tokens that used it (a use `half_life` tokens ago counts half). A short memory makes it
+    LRU and a long one LFU; in between it keeps experts that are popular and in current use, where
+    LRU drops a popular expert after a few tokens without it and LFU holds on to old favourites.
+    This is LRFU (Lee et al., 2001) with decay per token rather than per reference.
 
-    Each key keeps an exponentially decayed count of the tokens that used it (half-life in tokens),
-    so rate = decayed count x (1 - decay) estimates the chance the key's layer picks it per token:
-    it blends popularity (LFU) and recency (LRU). Expected steps to the next use are the steps until
-    the forward pass reaches the key's layer again, plus one full pass per token expected to miss
-    it. With a per-layer capacity the first term is constant, so this ranks by rate; with one global
-    capacity it also keeps the layers just ahead, which LRU evicts first (they were used longest ago)."""
+    The count is kept as log2(count) + t / half_life, which ranks keys as the decayed counts do at
+    any moment, needs no decay step for untouched keys, and never underflows."""
 
     name = "reuse"
 
-    def __init__(self, n_layers: int, n_experts: int, half_life: float = 32.0):
-        self.n_layers, self.n_experts = n_layers, n_experts
-        self.decay = 0.5 ** (1.0 / half_life)
-        self.value = np.zeros(n_layers * n_experts)  # decayed use count as of token `updated`
-        self.updated = np.zeros(n_layers * n_experts)
-        self.now = (0, 0)  # (token, layer) of the latest use: where the forward pass is
-
-    def _decayed(self, keys: np.ndarray, t: int) -> np.ndarray:
-        return self.value[keys] * self.decay ** np.maximum(t - self.updated[keys], 0)
+    def __init__(self, n_keys: int, half_life: float = 32.0):
+        self.half_life = half_life
+        self.score = np.full(n_keys, -np.inf)  # never used
 
     def touch(self, keys: np.ndarray, t: int) -> None:
-        self.value[keys] = self._decayed(keys, t) + 1.0
-        self.updated[keys] = np.maximum(self.updated[keys], t)
-        if len(keys):
-            self.now = max(self.now, (t, int(keys.max()) // self.n_experts))
+        self.score[keys] = np.logaddexp2(self.score[keys], t / self.half_life)  # decayed count + 1
 
     def admit(self, keys: np.ndarray, t: int) -> None:
         pass  # a prefetched key has no use yet; a demanded one is touched right after
 
     def forget(self, keys: np.ndarray) -> None:
-        pass  # the history stays: an evicted popular expert comes back with its rate
+        pass  # the history stays: an evicted popular expert comes back with its count
 
     def priority(self, keys: np.ndarray) -> np.ndarray:
-        t, layer = self.now
-        rate = self._decayed(keys, t) * (1.0 - self.decay)
-        tokens_away = 1.0 / np.maximum(rate, 1e-12)
-        phase = (keys // self.n_experts - layer - 1) % self.n_layers + 1  # steps until its layer runs
-        return -(phase + self.n_layers * (tokens_away - 1.0))
+        return self.score[keys]

@@ -36,7 +36,7 @@ def make_policy(name: str, ctx: PolicyContext) -> Policy:
     if name == "lfu":
         return LFU(n_keys, ctx.lfu_halve_every)
     if name == "reuse":
-        return Reuse(ctx.n_layers, ctx.n_experts, ctx.half_life)
+        return Reuse(n_keys, ctx.half_life)
     if name == "pinned":
         if ctx.profile is None:
             raise ConfigError("policy pinned needs a usage profile (per-expert counts, e.g. from a trace)")

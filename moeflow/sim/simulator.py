@@ -138,15 +138,12 @@ def simulate(trace: Trace, cfg: SimConfig) -> SimResult:
 
 
 def _context(trace: Trace, cfg: SimConfig, split: int) -> PolicyContext:
-    fit = trace.experts[:split] if split else trace.experts  # no fitting part: profile in-sample
-    E = trace.meta.n_experts
-    profile = np.stack([np.bincount(fit[:, i][fit[:, i] >= 0], minlength=E) for i in range(trace.n_layers)])
     return PolicyContext(
         trace.n_layers,
-        E,
+        trace.meta.n_experts,
         trace.width,
         cfg.capacity,
-        profile=profile,
+        profile=trace.profile(split or None),  # no fitting part: profiled in-sample
         future=trace.experts,
         pin_fraction=cfg.pin_fraction,
         half_life=cfg.half_life,

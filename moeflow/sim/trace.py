@@ -69,6 +69,12 @@ class Trace:
         """Most experts any token uses in one layer: what the cache must hold at once."""
         return int((self.experts >= 0).sum(-1).max()) if self.experts.size else 0
 
+    def profile(self, n_tokens: int | None = None) -> np.ndarray:
+        """[L, E] how often each expert was used (in the first n_tokens): a pinned hot set's input."""
+        used = self.experts[:n_tokens]
+        E = self.meta.n_experts
+        return np.stack([np.bincount(used[:, i][used[:, i] >= 0], minlength=E) for i in range(self.n_layers)])
+
     def head(self, n: int) -> Trace:
         return Trace(self.experts[:n], self.weights[:n], self.tokens[:n], self.seq[:n], self.meta)
 

@@ -105,10 +105,14 @@ def _capacities(spec: str | None, sweep: bool, scope: str, trace: Trace) -> list
     if not sweep:
         raise ConfigError("give --capacity N (or --sweep to compare a range)")
     per = 1 if scope == "layer" else trace.n_layers
-    top = given[0] if given else trace.meta.n_experts * per
+    every = trace.meta.n_experts * per  # beyond this everything fits
+    top = min(given[0], every) if given else every
     low = trace.width * per
-    grid = {round(low * 2 ** (i / 2)) for i in range(64) if low * 2 ** (i / 2) < top}  # ~x1.4 steps
-    return sorted(grid | {top}) if top >= low else [top]
+    if top < low:
+        return [top]  # too small: simulate() says why
+    if top - low <= 12:
+        return list(range(low, top + 1))
+    return sorted({round(low * 2 ** (i / 2)) for i in range(64) if low * 2 ** (i / 2) < top} | {top})
 
 
 def _names(spec: str, known: tuple[str, ...], what: str) -> list[str]:

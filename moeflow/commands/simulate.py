@@ -71,7 +71,7 @@ def run(a: argparse.Namespace) -> int:
         from ..sim.plot import plot_sweep
 
         try:
-            plot_sweep(results, a.plot, f"{trace.meta.model}: expert-cache hit rate")
+            plot_sweep(results, a.plot, f"{Path(trace.meta.model).name}: expert-cache hit rate")
         except OSError as e:
             raise ConfigError(f"cannot write {a.plot}: {e.strerror}") from None
     return 0

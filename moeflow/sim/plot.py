@@ -27,6 +27,7 @@ def plot_sweep(results: list[SimResult], path: str | Path, title: str) -> None:
         ax.plot([r.capacity for r in rs], [100 * r.hit_rate for r in rs], marker="o", markersize=3, **style)
     unit = "experts per layer" if results[0].scope == "layer" else "experts in all layers"
     ax.set(xlabel=f"cache capacity ({unit})", ylabel="hit rate (%)", title=title)
+    ax.xaxis.get_major_locator().set_params(integer=True)  # capacities are whole experts
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 
+from .commands.format import add_store_args
 from .errors import MoeflowError
 
 # subcommands whose module declares its own arguments: command name -> module in commands/
@@ -18,6 +19,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="compute dtype: float32, bfloat16, float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    add_store_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ from .engine.sequence import RequestOutput, Sequence
 from .errors import ConfigError
 from .kernels import native
 from .loader.open import open_model
+from .store.config import StoreConfig
 from .tokenizer import apply_chat, encode
 
 DTYPES = {
@@ -51,7 +52,14 @@ class LLM:
         max_num_seqs: int = 8,
         threads: int | None = None,
         progress: bool = True,
+        expert_memory: str | int | None = None,
+        expert_policy: str = "lru",
+        expert_scope: str = "global",
+        prefetch: str = "lookahead",
     ):
+        """expert_memory: a budget ("2GiB", "25%", bytes) for experts in RAM; the rest are read from
+        the checkpoint files on demand (None: every expert resident)."""
+        store = StoreConfig(expert_memory, expert_policy, expert_scope, prefetch)
         if threads:
             torch.set_num_threads(threads)
         if model is None:
@@ -61,7 +69,7 @@ class LLM:
         self.dtype, self.device = resolve_dtype(dtype), resolve_device(device)
         if self.device == "cpu":
             native()  # build or load the kernel now, not inside the first request's timing
-        self.loaded, self.tokenizer = open_model(model, self.dtype, self.device, progress)
+        self.loaded, self.tokenizer = open_model(model, self.dtype, self.device, progress, store)
         self.args = self.loaded.args
         limit = self.args.max_position
         if max_model_len is not None and not 1 < max_model_len <= limit:
@@ -72,6 +80,12 @@ class LLM:
         self.engine = Engine(
             self.loaded, self.tokenizer, self.dtype, self.device, self.max_model_len, max_num_seqs
         )
+
+    def expert_stats(self) -> dict | None:
+        """Hit rate, bytes read, I/O stall and prediction precision/recall of a tiered expert
+        store since loading; None when every expert is resident."""
+        report = getattr(self.loaded.experts, "report", None)
+        return report() if report else None
 
     def _encode(self, prompt) -> tuple[str | None, list[int]]:
         """A prompt is text, a list of chat messages, or a list of token ids."""

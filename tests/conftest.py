@@ -26,10 +26,10 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def default_model(tmp_path_factory):
-    """The built-in default model (has a tokenizer and chat template), built once in a temp cache."""
-    from moeflow.default_model import default_model_path
+def chat_model(tmp_path_factory):
+    """A tiny random Qwen3-MoE with a tokenizer and chat template, built once per session."""
+    from tiny_chat_model import build
 
-    cache = tmp_path_factory.mktemp("moeflow-cache")
-    os.environ["MOEFLOW_CACHE"] = str(cache)
-    return default_model_path(progress=False)
+    path = tmp_path_factory.mktemp("chat-model") / "model"
+    build(path, progress=False)
+    return path

@@ -110,20 +110,18 @@ def test_text_prompt_without_tokenizer(copy_of):
     assert_clean_error(cli("generate", "--model", str(copy_of())), "no tokenizer")
 
 
-def test_prompt_longer_than_context(default_model):
-    r = cli("generate", "--model", str(default_model), "--max-model-len", "16", "--prompt", "word " * 40)
+def test_prompt_longer_than_context(chat_model):
+    r = cli("generate", "--model", str(chat_model), "--max-model-len", "16", "--prompt", "word " * 40)
     assert_clean_error(r, "prompt has", "context holds 16")
 
 
-def test_bad_sampling_value(default_model):
-    assert_clean_error(cli("generate", "--model", str(default_model), "--top-p", "0"), "top_p")
-    assert_clean_error(cli("generate", "--model", str(default_model), "--max-tokens", "-3"), "max_tokens")
+def test_bad_sampling_value(chat_model):
+    assert_clean_error(cli("generate", "--model", str(chat_model), "--top-p", "0"), "top_p")
+    assert_clean_error(cli("generate", "--model", str(chat_model), "--max-tokens", "-3"), "max_tokens")
 
 
-def test_generate_streams_and_summarises(default_model):
-    r = cli(
-        "generate", "--model", str(default_model), "--prompt", "Hello", "--max-tokens", "12", "--ignore-eos"
-    )
+def test_generate_streams_and_summarises(chat_model):
+    r = cli("generate", "--model", str(chat_model), "--prompt", "Hello", "--max-tokens", "12", "--ignore-eos")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Hello")
     summary = r.stderr.strip().splitlines()[-1]
@@ -131,11 +129,11 @@ def test_generate_streams_and_summarises(default_model):
         assert field in summary, summary
 
 
-def test_generate_json_and_chat(default_model):
+def test_generate_json_and_chat(chat_model):
     r = cli(
         "generate",
         "--model",
-        str(default_model),
+        str(chat_model),
         "--chat",
         "Hi there",
         "--max-tokens",
@@ -152,8 +150,8 @@ def test_generate_json_and_chat(default_model):
     assert all(sum(layer) == routed * 4 for layer in counts)
 
 
-def test_info(default_model):
-    r = cli("info", "--model", str(default_model))
+def test_info(chat_model):
+    r = cli("info", "--model", str(chat_model))
     assert r.returncode == 0, r.stderr
     for field in ("qwen3_moe", "16 experts", "top-4", "active per token", "per expert", "per token"):
         assert field in r.stdout

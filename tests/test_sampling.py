@@ -6,8 +6,8 @@ from moeflow.engine.sampling import _top_p
 
 
 @pytest.fixture(scope="module")
-def llm(default_model):
-    return LLM(default_model, progress=False)
+def llm(chat_model):
+    return LLM(chat_model, progress=False)
 
 
 def test_top_p_keeps_smallest_set_reaching_p():
@@ -68,8 +68,8 @@ def test_stream_equals_generate(llm):
     assert "".join(parts) == whole == final.text
 
 
-def test_context_limit_ends_with_length(default_model):
-    llm = LLM(default_model, max_model_len=12, progress=False)
+def test_context_limit_ends_with_length(chat_model):
+    llm = LLM(chat_model, max_model_len=12, progress=False)
     out = llm.generate("one two three", SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))[0]
     assert out.finish_reason == "length"
     assert len(out.prompt_token_ids) + len(out.token_ids) == 12

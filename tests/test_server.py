@@ -54,8 +54,8 @@ def start(model, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def server(default_model):
-    proc, base = start(default_model, "--max-batch", "8")
+def server(chat_model):
+    proc, base = start(chat_model, "--max-batch", "8")
     yield base
     proc.terminate()
     proc.wait(timeout=30)
@@ -227,8 +227,8 @@ def test_bad_requests(server, client, path, body, status, needle):
     assert greedy(client, "still serving", 3)  # and the server keeps working
 
 
-def test_queue_full_answers_503(default_model):
-    proc, base = start(default_model, "--max-waiting", "0")
+def test_queue_full_answers_503(chat_model):
+    proc, base = start(chat_model, "--max-waiting", "0")
     try:
         r = httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 2})
         assert r.status_code == 503 and r.headers["retry-after"] == "1"

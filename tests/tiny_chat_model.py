@@ -1,37 +1,18 @@
-"""The built-in default model, made on this machine on first use (no download).
-
-Until a converted real model ships, it is a small random-weight Qwen3-MoE with a byte-level BPE
-tokenizer trained on Python's own documentation strings: it exercises every part of the engine,
-and its text is not meaningful."""
+"""A tiny random-weight Qwen3-MoE with a real tokenizer and chat template, for fast tests of the
+engine, CLI and server: a byte-level BPE trained on Python's own docstrings. Its text is noise."""
 
 from __future__ import annotations
 
-import os
 import pydoc
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-NAME = "tiny-random-qwen3moe-v1"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("MOEFLOW_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", "~/.cache"), "moeflow"
-    )
-    return Path(root).expanduser()
-
-
-def default_model_path(progress: bool = True) -> Path:
-    path = cache_dir() / NAME
-    if not (path / "config.json").exists():
-        build(path, progress)
-    return path
 
 
 def _corpus() -> list[str]:

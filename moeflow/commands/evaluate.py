@@ -9,7 +9,9 @@ from ..corpus import read_text
 from ..eval.perplexity import perplexity
 from ..llm import resolve_device, resolve_dtype
 from ..loader.open import open_model
+from ..store.config import StoreConfig
 from ..tokenizer import encode
+from .format import add_store_args
 
 
 def add_model_source(p) -> None:
@@ -23,6 +25,7 @@ def add_model_source(p) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
+    add_store_args(p)
 
 
 def add_parser(sub) -> None:
@@ -45,7 +48,8 @@ def open_for_text(a):
         a.model = default_model_path()
     dtype, device = resolve_dtype(a.dtype), resolve_device(a.device)
     text = read_text(a.text)
-    lm, tok = open_model(a.model, dtype, device, progress=sys.stderr.isatty())
+    store = StoreConfig(a.expert_memory, a.expert_policy, a.expert_scope, a.prefetch)
+    lm, tok = open_model(a.model, dtype, device, sys.stderr.isatty(), store)
     return lm, dtype, encode(tok, text)
 
 

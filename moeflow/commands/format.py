@@ -12,8 +12,25 @@ def llm_from_args(a, **extra):
         threads=a.threads,
         max_model_len=a.max_model_len,
         progress=sys.stderr.isatty(),
+        expert_memory=a.expert_memory,
+        expert_policy=a.expert_policy,
+        expert_scope=a.expert_scope,
+        prefetch=a.prefetch,
         **extra,
     )
+
+
+def add_store_args(p) -> None:
+    p.add_argument(
+        "--expert-memory",
+        default=None,
+        help="RAM budget for experts, e.g. 2GiB or 25%% (default: all resident)",
+    )
+    p.add_argument("--expert-policy", default="lru", help="expert cache policy: lru, lfu, reuse, pinned")
+    p.add_argument(
+        "--expert-scope", default="global", help="budget shared by all layers (global) or per layer"
+    )
+    p.add_argument("--prefetch", default="lookahead", help="prefetch predictor: lookahead, none")
 
 
 def human(n: float, unit: str = "") -> str:

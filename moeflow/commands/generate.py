@@ -25,7 +25,7 @@ def run(a) -> int:
     prompt = [{"role": "user", "content": a.chat}] if a.chat else a.prompt
     if a.json:
         out = llm.generate(prompt, params, experts_top_k=a.experts_top_k)[0]
-        print(json.dumps(as_dict(out), indent=2))
+        print(json.dumps(as_dict(out) | {"expert_store": llm.expert_stats()}, indent=2))
         return 0
     if not a.chat:
         sys.stdout.write(a.prompt)
@@ -39,6 +39,9 @@ def run(a) -> int:
             break
     sys.stdout.write("\n")
     print(summary(out, llm), file=sys.stderr)
+    store = llm.expert_stats()
+    if store:
+        print(store_summary(store), file=sys.stderr)
     return 0
 
 
@@ -51,6 +54,19 @@ def summary(out: RequestOutput, llm: LLM) -> str:
         f"params {human(s.total_params)} total, {human(s.active_params)} active per token "
         f"({100 * s.active_params / s.total_params:.1f}%) | experts used {100 * s.active_expert_share:.0f}% "
         f"of {n_moe}x{llm.args.moe.n_experts}"
+    )
+
+
+def store_summary(r: dict) -> str:
+    pr = (
+        ""
+        if r["precision"] is None
+        else f" | {r['predictor']} precision {r['precision']:.2f} recall {r['recall']:.2f}"
+    )
+    return (
+        f"--- experts {r['policy']} cache {r['capacity']} ({human(r['budget_bytes'], 'B')}) | "
+        f"hit rate {100 * r['hit_rate']:.1f}% | read {human(r['bytes_read'], 'B')} | "
+        f"stalled on I/O {r['stall_s']:.2f} s{pr}"
     )
 
 

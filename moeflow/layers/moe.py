@@ -62,6 +62,9 @@ class MoEBlock(nn.Module):
             ctx.keep_route(layer, weights, ids)
         else:
             weights, ids = self._route_per_token(logits, ks, ctx, layer)
+        on_route = getattr(ctx.experts, "on_route", None)
+        if on_route is not None:  # a tiered store starts the next layer's reads now
+            on_route(layer, x, ids)
         out = run_experts(x, weights, ids, lambda active: ctx.experts.fetch(layer, active))
         if self.m.shared_intermediate:
             shared = self.shared_expert(x)

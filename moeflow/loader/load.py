@@ -9,11 +9,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..expert_store import ResidentExperts
 from ..models.args import ModelArgs
 from ..models.registry import parse_args
 from ..models.transformer import CausalLM
+from ..store.build import tiered_store
+from ..store.config import StoreConfig
+from ..store.lookahead import LookaheadPredictor
+from ..store.tiered import TieredExperts
 from .checkpoint import Checkpoint, MemoryCheckpoint
 from .experts import check_shape, layer_experts
 
@@ -24,7 +28,7 @@ _KEEP_FP32 = (".mlp.gate.weight", ".e_score_correction_bias")
 @dataclass
 class LoadedModel:
     model: CausalLM
-    experts: ResidentExperts
+    experts: ResidentExperts | TieredExperts
     args: ModelArgs
     checkpoint: Checkpoint
     path: Path
@@ -35,14 +39,21 @@ def load(
     dtype: torch.dtype = torch.float32,
     device="cpu",
     progress: bool = True,
+    store: StoreConfig | None = None,
 ) -> LoadedModel:
+    """store: where experts live (default: all resident in memory)."""
     ckpt = path if isinstance(path, MemoryCheckpoint) else Checkpoint(path)
     args, fam = parse_args(ckpt.config)
     with torch.device("meta"):
         model = CausalLM(args, fam.route(args))
     canon = {fam.sanitize(k): k for k in ckpt.keys()}
     names = [n for n, _ in model.named_parameters()]
-    n_steps = len(names) + len(args.moe_layers)
+    tiered = None
+    if store is not None and store.tiered and args.moe_layers:
+        if device != "cpu":
+            raise ConfigError("an expert memory budget is implemented for device=cpu only so far")
+        tiered = tiered_store(ckpt, canon, args, dtype, store)
+    n_steps = len(names) + (0 if tiered else len(args.moe_layers))
     with tqdm(total=n_steps, desc="loading", unit="tensor", disable=not progress, leave=False) as bar:
         state = {}
         for name, p in model.named_parameters():
@@ -51,8 +62,10 @@ def load(
         if args.tie_embeddings:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         model.load_state_dict(state, assign=True, strict=True)
-        experts = _load_experts(ckpt, canon, args, dtype, device, bar)
+        experts = tiered or _load_experts(ckpt, canon, args, dtype, device, bar)
     model.eval()
+    if tiered is not None and store.prefetch == "lookahead":
+        tiered.predictor = LookaheadPredictor(model, args.moe_layers, args.moe.top_k)
     for layer in model.model.layers:
         if hasattr(layer.self_attn, "fuse_qkv"):
             layer.self_attn.fuse_qkv()

@@ -6,13 +6,18 @@ from pathlib import Path
 
 import torch
 
+from ..store.config import StoreConfig
 from ..tokenizer import load_tokenizer
 from .checkpoint import MemoryCheckpoint
 from .load import LoadedModel, load
 
 
 def open_model(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", progress: bool = True
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    progress: bool = True,
+    store: StoreConfig | None = None,
 ) -> tuple[LoadedModel, object]:
     """Returns the loaded model and its tokenizer (None when the source has none)."""
     p = Path(path).expanduser()
@@ -23,5 +28,5 @@ def open_model(
         return load(
             MemoryCheckpoint(dense.config, dense.tensors, p), dtype, device, progress
         ), dense.tokenizer
-    lm = load(p, dtype, device, progress)
+    lm = load(p, dtype, device, progress, store)
     return lm, load_tokenizer(lm.path)

@@ -1,0 +1,111 @@
+"""Dense -> MoE conversion quality: perplexity of SmolLM2-135M (dense) against its conversions.
+
+For E in --experts and active shares in --shares (shared + routed experts over E), converts with
+(1) the centroid router (no training), (2) a trained router, (3) a trained router plus
+distillation, and measures perplexity on held-out text (builtin:evaluation, never calibrated on).
+One calibration pass is shared by every conversion. Results: JSON plus a Markdown table.
+
+    python bench/bench_convert.py [--calibration-tokens 16384] [--eval-tokens 16384]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from moeflow.convert.calibrate import ffn_inputs
+from moeflow.convert.dense_to_moe import convert
+from moeflow.convert.gguf import read_gguf
+from moeflow.convert.moefy import ConvertConfig
+from moeflow.corpus import calibration_text, evaluation_text
+from moeflow.default_model import smollm2_gguf
+from moeflow.eval.perplexity import perplexity
+from moeflow.loader.checkpoint import MemoryCheckpoint
+from moeflow.loader.load import load
+
+VARIANTS = {
+    "centroid router": (False, False),
+    "trained router": (True, False),
+    "trained + distill": (True, True),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calibration-tokens", type=int, default=16384)
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--experts", type=int, nargs="+", default=[16, 32])
+    ap.add_argument("--shares", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    ap.add_argument("--shared-fraction", type=float, default=0.125, help="shared experts as a share of E")
+    ap.add_argument("--workdir", default="bench/.cache/convert")
+    ap.add_argument("--out", default="bench/out/convert.json")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    dense = read_gguf(smollm2_gguf(), progress=False)
+    tok = dense.tokenizer
+    eval_ids = tok.encode(evaluation_text(), add_special_tokens=False)
+    ppl = lambda lm: perplexity(lm, eval_ids, max_tokens=a.eval_tokens, progress=False)  # noqa: E731
+    base = ppl(load(MemoryCheckpoint(dense.config, dense.tensors), progress=False))
+    print(f"dense perplexity {base.perplexity:.3f} over {base.tokens} tokens", flush=True)
+    t0 = time.perf_counter()
+    inputs = ffn_inputs(dense, tok.encode(calibration_text(), add_special_tokens=False), a.calibration_tokens)
+    print(f"calibration: {inputs[0].shape[0]} tokens in {time.perf_counter() - t0:.0f} s", flush=True)
+    rows = []
+    for E in a.experts:
+        S = max(1, round(E * a.shared_fraction))
+        for share in a.shares:
+            K = round(share * E) - S
+            for name, (train, distill) in VARIANTS.items():
+                cfg = ConvertConfig(E, K, S, train, distill, a.calibration_tokens)
+                out = Path(a.workdir) / f"e{E}-k{K}-s{S}-{int(train)}{int(distill)}"
+                shutil.rmtree(out, ignore_errors=True)
+                s = convert(dense, out, cfg, "", progress=False, inputs=inputs)
+                r = ppl(load(out, progress=False))
+                row = dict(
+                    experts=E,
+                    shared=S,
+                    top_k=K,
+                    active_share=cfg.active_share(),
+                    variant=name,
+                    perplexity=r.perplexity,
+                    ratio=r.perplexity / base.perplexity,
+                    router_mass_recall=s.router_mass_recall,
+                    convert_s=s.seconds,
+                )
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+    result = dict(
+        dense_perplexity=base.perplexity,
+        eval_tokens=base.tokens,
+        calibration_tokens=inputs[0].shape[0],
+        rows=rows,
+    )
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=2))
+    print(table(result))
+
+
+def table(res: dict) -> str:
+    lines = [
+        f"dense perplexity {res['dense_perplexity']:.3f}",
+        "| E | shared | top-k | active | centroid router | trained router | trained + distill |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    keyed = {}
+    for r in res["rows"]:
+        keyed.setdefault((r["experts"], r["shared"], r["top_k"], r["active_share"]), {})[r["variant"]] = r
+    for (E, S, K, share), v in keyed.items():
+        cells = [f"{v[n]['perplexity']:.2f} ({v[n]['ratio']:.2f}×)" if n in v else "–" for n in VARIANTS]
+        lines.append(f"| {E} | {S} | {K} | {100 * share:.0f}% | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

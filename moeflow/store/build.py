@@ -1,0 +1,60 @@
+"""Builds the tiered store a StoreConfig asks for, with its budget checked against the model."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from ..cache.capacity import CacheCapacity
+from ..cache.registry import PolicyContext, make_policy
+from ..errors import ConfigError
+from ..models.args import ModelArgs
+from .budget import parse_size
+from .config import StoreConfig
+from .extents import expert_map
+from .tiered import TieredExperts
+
+
+def capacity_for(cfg: StoreConfig, args: ModelArgs, expert_bytes: int) -> CacheCapacity | None:
+    """Experts the budget holds; None when it holds every expert (then all stay resident)."""
+    L, E, K = len(args.moe_layers), args.moe.n_experts, args.moe.top_k
+    total = L * E * expert_bytes
+    budget = parse_size(cfg.expert_memory, total)
+    if budget >= total:
+        return None
+    n = budget // expert_bytes
+    per_layer = n // L if cfg.scope == "layer" else None
+    have = per_layer if cfg.scope == "layer" else n
+    if have < K:
+        least = K * expert_bytes * (L if cfg.scope == "layer" else 1)
+        raise ConfigError(
+            f"expert memory {cfg.expert_memory} holds {have} experts "
+            f"{'per layer' if cfg.scope == 'layer' else 'in all'} of {expert_bytes / 2**20:.2f} MiB, "
+            f"fewer than the {K} one layer runs at once (top-k); give at least {least} bytes"
+        )
+    return CacheCapacity(per_layer=per_layer) if cfg.scope == "layer" else CacheCapacity(total=n)
+
+
+def tiered_store(ckpt, canon, args: ModelArgs, dtype: torch.dtype, cfg: StoreConfig) -> TieredExperts | None:
+    m = args.moe
+    emap = expert_map(ckpt, canon, args.moe_layers, m.n_experts, m.intermediate, args.hidden)
+    cap = capacity_for(cfg, args, emap.numel * dtype.itemsize)
+    if cap is None:
+        print(
+            f"moeflow: expert memory {cfg.expert_memory} covers every expert: all stay resident",
+            file=sys.stderr,
+        )
+        return None
+    ctx = PolicyContext(
+        n_layers=len(args.moe_layers),
+        n_experts=m.n_experts,
+        top_k=m.top_k,
+        capacity=cap,
+        profile=None if cfg.profile is None else np.asarray(cfg.profile),
+    )
+    policy = make_policy(cfg.policy, ctx)
+    return TieredExperts(
+        emap, args.moe_layers, m.n_experts, m.intermediate, args.hidden, dtype, cap, policy, cfg.io_threads
+    )

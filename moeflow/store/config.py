@@ -1,0 +1,37 @@
+"""How experts are stored: everything resident, or a budgeted cache over the files on disk."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..cache.registry import POLICIES
+from ..errors import ConfigError
+
+PREDICTORS = ("none", "lookahead")
+
+
+@dataclass
+class StoreConfig:
+    expert_memory: str | int | None = None  # None: all experts resident; "2GiB", "25%", bytes
+    policy: str = "lru"
+    scope: str = "global"  # "global": layers share the budget; "layer": an equal share each
+    prefetch: str = "lookahead"
+    io_threads: int = 1
+    profile: object = None  # [L, E] expert use counts for the "pinned" policy (e.g. from a trace)
+
+    def __post_init__(self):
+        usable = [p for p in POLICIES if p != "belady"]  # belady needs the future: simulator only
+        if self.policy not in usable:
+            raise ConfigError(f"unknown expert cache policy {self.policy!r} (known: {', '.join(usable)})")
+        if self.scope not in ("global", "layer"):
+            raise ConfigError(f"expert cache scope must be global or layer, got {self.scope!r}")
+        if self.prefetch not in PREDICTORS:
+            raise ConfigError(
+                f"unknown prefetch predictor {self.prefetch!r} (known: {', '.join(PREDICTORS)})"
+            )
+        if self.io_threads < 1:
+            raise ConfigError(f"io_threads must be at least 1, got {self.io_threads}")
+
+    @property
+    def tiered(self) -> bool:
+        return self.expert_memory is not None

@@ -1,0 +1,91 @@
+"""Where each expert's bytes are in the checkpoint files, so an expert is read with 2-3 positioned
+reads straight into its cache slot [gate | up | down], with no safetensors parsing per load.
+
+Per-expert layout: gate, up, down are three separate tensors. Fused layout: expert e of
+`gate_up_proj [E, 2I, H]` is one contiguous run (gate then up, the slot's own order) and of
+`down_proj [E, H, I]` another."""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, UnsupportedModelError
+from ..loader.checkpoint import Checkpoint
+
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Extent:
+    file: Path
+    offset: int  # byte offset in the file
+    nbytes: int
+    dst: int  # element offset in the expert's slot
+
+
+@dataclass
+class ExpertMap:
+    extents: dict[tuple[int, int], list[Extent]]  # (layer, expert) -> its runs
+    dtype: torch.dtype  # on disk
+    numel: int  # elements of one expert (3 * I * H)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def _data_start(path: Path) -> int:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+    return 8 + n
+
+
+def _meta(ckpt: Checkpoint, name: str) -> tuple[Path, int, torch.dtype]:
+    meta = ckpt.header[name]
+    if meta["dtype"] not in _DTYPES:
+        raise UnsupportedModelError(
+            f"tensor {name} has dtype {meta['dtype']}; tiered experts read F32/BF16/F16"
+        )
+    f = ckpt.file_of(name)
+    return f, meta["data_offsets"][0], _DTYPES[meta["dtype"]]
+
+
+def expert_map(ckpt: Checkpoint, canon: dict, layers: list[int], E: int, I: int, H: int) -> ExpertMap:
+    if not isinstance(ckpt, Checkpoint):
+        raise CheckpointError("an expert memory budget needs a safetensors checkpoint folder on disk")
+    starts: dict[Path, int] = {}
+    out, dtypes = {}, set()
+
+    def run(name: str, skip: int, numel: int, dst: int) -> Extent:
+        f, off, dt = _meta(ckpt, name)
+        dtypes.add(dt)
+        if f not in starts:
+            starts[f] = _data_start(f)
+        return Extent(f, starts[f] + off + skip * dt.itemsize, numel * dt.itemsize, dst)
+
+    for layer in layers:
+        p = f"model.layers.{layer}.mlp.experts"
+        fused = canon.get(f"{p}.gate_up_proj")
+        for e in range(E):
+            if fused:
+                out[layer, e] = [
+                    run(fused, e * 2 * I * H, 2 * I * H, 0),
+                    run(canon[f"{p}.down_proj"], e * H * I, H * I, 2 * I * H),
+                ]
+            else:
+                names = [canon.get(f"{p}.{e}.{n}.weight") for n in ("gate_proj", "up_proj", "down_proj")]
+                if None in names:
+                    raise CheckpointError(f"layer {layer} expert {e} is missing from the checkpoint")
+                out[layer, e] = [run(n, 0, I * H, i * I * H) for i, n in enumerate(names)]
+    if len(dtypes) > 1:
+        raise UnsupportedModelError(f"experts are stored in mixed dtypes {sorted(map(str, dtypes))}")
+    return ExpertMap(out, dtypes.pop(), 3 * I * H)
+
+
+def describe(m: ExpertMap) -> str:
+    return json.dumps({"experts": len(m.extents), "dtype": str(m.dtype), "bytes_each": m.nbytes})

@@ -1,0 +1,33 @@
+"""Run statistics of a tiered expert store, for the API, the CLI summary and benchmark JSON."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class StoreStats:
+    stall_s: float = 0.0  # time the model waited for expert reads (demand misses + late prefetches)
+    demand_loads: int = 0
+    predicted: int = 0  # experts a predictor named for a layer
+    predicted_used: int = 0  # of those, experts the layer then used
+    used: int = 0  # experts layers used while a prediction for them existed
+
+    def report(self, store) -> dict:
+        c = store.cache.stats
+        return {
+            "policy": getattr(store.cache.policy, "name", "?"),
+            "capacity": store.cache.capacity.describe(),
+            "budget_bytes": store.nbytes,
+            "hit_rate": c.hit_rate,
+            "hits": c.hits,
+            "misses": c.misses,
+            "prefetches": c.prefetches,
+            "prefetch_hits": c.prefetch_hits,
+            "wasted_prefetches": c.wasted_prefetches,
+            "bytes_read": store.reader.bytes_read,
+            "stall_s": self.stall_s,
+            "predictor": getattr(store.predictor, "name", None),
+            "precision": self.predicted_used / self.predicted if self.predicted else None,
+            "recall": self.predicted_used / self.used if self.used else None,
+        }

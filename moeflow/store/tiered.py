@@ -1,0 +1,147 @@
+"""A budgeted cache of experts in memory over the checkpoint files on disk.
+
+The model asks `fetch(layer, ids)` exactly as it asks the resident store. Misses are read on
+demand into a free slot (one contiguous buffer per expert, preallocated once); an ExpertCache
+with a pluggable policy decides membership. After each layer is routed, `on_route` lets a
+predictor name the next MoE layer's likely experts and a background thread reads them while the
+current layer computes. Prediction only changes *when* bytes arrive, never which weights a layer
+uses: fetch always waits for the exact experts asked for."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from ..cache.capacity import CacheCapacity
+from ..cache.state import ExpertCache
+from .extents import ExpertMap
+from .reader import FileReader
+from .stats import StoreStats
+
+
+class TieredExperts:
+    def __init__(
+        self,
+        emap: ExpertMap,
+        moe_layers: list[int],
+        n_experts: int,
+        inter: int,
+        hidden: int,
+        dtype: torch.dtype,
+        capacity: CacheCapacity,
+        policy,
+        io_threads: int = 1,
+    ):
+        self.map, self.layers, self.n_experts = emap, list(moe_layers), n_experts
+        self.inter, self.hidden, self.dtype = inter, hidden, dtype
+        self.index = {layer: i for i, layer in enumerate(self.layers)}
+        self.cache = ExpertCache(len(self.layers), n_experts, capacity, policy)
+        n_slots = capacity.size * (len(self.layers) if capacity.scope == "layer" else 1)
+        self.slots = torch.empty(n_slots, emap.numel, dtype=dtype)  # the whole budget, allocated once
+        self.slot_of = np.full(len(self.layers) * n_experts, -1, dtype=np.int64)
+        self.free = list(range(n_slots - 1, -1, -1))
+        self.reader = FileReader()
+        self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="moeflow-io")
+        self.inflight: dict[int, Future] = {}
+        self._local = threading.local()
+        self.in_use = np.zeros(0, dtype=np.int64)
+        self.step = 0
+        self.stats = StoreStats()
+        self.predictor = None  # e.g. a LookaheadPredictor: observe(store, layer, x, ids)
+        self._routed = None
+
+    @property
+    def expert_nbytes(self) -> int:
+        return self.map.numel * self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.slots.numel() * self.slots.element_size()
+
+    def _views(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        I, H = self.inter, self.hidden
+        buf = self.slots[self.slot_of[key]]
+        return buf[: 2 * I * H].view(2 * I, H), buf[2 * I * H :].view(H, I)
+
+    def fetch(self, layer: int, ids) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        li = self.index[layer]
+        if li == 0:
+            self.step += 1
+        ids = [int(e) for e in ids]
+        acc = self.cache.request(li, ids, self.step)
+        self._release(acc.evicted)
+        t0 = time.perf_counter()
+        for key in acc.loaded:  # demand misses: read now, on this thread
+            self._read(int(key))
+        keys = [li * self.n_experts + e for e in ids]
+        for key in keys:  # prefetched ones still on their way
+            fut = self.inflight.pop(key, None)
+            if fut is not None:
+                fut.result()
+        self.stats.stall_s += time.perf_counter() - t0
+        self.in_use = np.asarray(keys, dtype=np.int64)
+        routed, self._routed = self._routed, None
+        if self.predictor is not None and routed is not None and routed[0] == layer:
+            self.predictor.observe(self, *routed)  # this layer's reads are done: start the next's
+        return [self._views(k) for k in keys]
+
+    def prefetch(self, layer: int, ids) -> None:
+        """Starts background reads of experts `ids` of `layer`; never evicts the running layer's."""
+        if not len(ids):
+            return
+        acc = self.cache.prefetch(self.index[layer], np.asarray(ids), self.step, protect=self.in_use)
+        self._release(acc.evicted)
+        for key in acc.loaded:
+            key = int(key)
+            self.slot_of[key] = self.free.pop()
+            self.inflight[key] = self.pool.submit(self._fill, key)
+
+    def prefetch_room(self, layer: int) -> int:
+        """How many experts a prefetch for `layer` may bring without touching the running layer's."""
+        cap = self.cache.capacity
+        if cap.scope == "layer":
+            return cap.per_layer
+        return max(0, cap.total - len(self.in_use))
+
+    def on_route(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> None:
+        """Called by the MoE block once layer `layer` is routed (x: its input, ids [T, K]); the
+        predictor runs after this layer's own misses are read, so it never delays them."""
+        self._routed = (layer, x, ids)
+
+    def _release(self, evicted: np.ndarray) -> None:
+        for key in evicted:
+            key = int(key)
+            fut = self.inflight.pop(key, None)
+            if fut is not None:  # a prefetch still writing into the slot: let it land first
+                fut.result()
+            self.free.append(int(self.slot_of[key]))
+            self.slot_of[key] = -1
+
+    def _read(self, key: int) -> None:
+        self.slot_of[key] = self.free.pop()
+        self._fill(key)
+        self.stats.demand_loads += 1
+
+    def _fill(self, key: int) -> None:
+        layer, e = self.layers[key // self.n_experts], key % self.n_experts
+        extents = self.map.extents[layer, e]
+        dst = self.slots[self.slot_of[key]]
+        if self.map.dtype == self.dtype:
+            self.reader.read_into(extents, dst)
+        else:  # read in the disk dtype, convert into the slot
+            stage = getattr(self._local, "stage", None)
+            if stage is None:
+                stage = self._local.stage = torch.empty(self.map.numel, dtype=self.map.dtype)
+            self.reader.read_into(extents, stage)
+            dst.copy_(stage)
+
+    def report(self) -> dict:
+        return self.stats.report(self)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.reader.close()

@@ -10,7 +10,7 @@ from .commands.format import add_store_args
 from .errors import MoeflowError
 
 # subcommands whose module declares its own arguments: command name -> module in commands/
-_EXTRA = {"convert": "convert", "eval": "evaluate", "trace": "trace"}
+_EXTRA = {"convert": "convert", "eval": "evaluate", "trace": "trace", "simulate": "simulate"}
 _BUILTIN = {"generate": "generate", "chat": "chat", "serve": "serve", "info": "info"}
 
 

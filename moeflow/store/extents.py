@@ -7,7 +7,6 @@ Per-expert layout: gate, up, down are three separate tensors. Fused layout: expe
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +84,3 @@ def expert_map(ckpt: Checkpoint, canon: dict, layers: list[int], E: int, I: int,
     if len(dtypes) > 1:
         raise UnsupportedModelError(f"experts are stored in mixed dtypes {sorted(map(str, dtypes))}")
     return ExpertMap(out, dtypes.pop(), 3 * I * H)
-
-
-def describe(m: ExpertMap) -> str:
-    return json.dumps({"experts": len(m.extents), "dtype": str(m.dtype), "bytes_each": m.nbytes})

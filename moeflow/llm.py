@@ -56,10 +56,19 @@ class LLM:
         expert_policy: str = "lru",
         expert_scope: str = "global",
         prefetch: str = "lookahead",
+        expert_trace: str | Path | None = None,
     ):
         """expert_memory: a budget ("2GiB", "25%", bytes) for experts in RAM; the rest are read from
-        the checkpoint files on demand (None: every expert resident)."""
-        store = StoreConfig(expert_memory, expert_policy, expert_scope, prefetch)
+        the checkpoint files on demand (None: every expert resident). expert_policy: lru, lfu,
+        reuse or pinned; prefetch: lookahead, frequency, cooccurrence or none; expert_trace: a
+        routing trace of this model (`moeflow trace`) that pinned and cooccurrence learn from."""
+        store = StoreConfig(
+            expert_memory,
+            expert_policy,
+            expert_scope,
+            prefetch,
+            trace=None if expert_trace is None else str(expert_trace),
+        )
         if threads:
             torch.set_num_threads(threads)
         if model is None:

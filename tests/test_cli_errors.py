@@ -60,7 +60,9 @@ def test_unsupported_model_type_lists_supported(copy_of):
     cfg = json.loads((folder / "config.json").read_text())
     cfg["model_type"] = "gpt_neox"
     (folder / "config.json").write_text(json.dumps(cfg))
-    assert_clean_error(cli("generate", "--model", str(folder)), "'gpt_neox'", "mixtral", "deepseek_v3", "olmoe")
+    assert_clean_error(
+        cli("generate", "--model", str(folder)), "'gpt_neox'", "mixtral", "deepseek_v3", "olmoe"
+    )
 
 
 def test_missing_tensor_is_named(copy_of):

@@ -16,6 +16,7 @@ def llm_from_args(a, **extra):
         expert_policy=a.expert_policy,
         expert_scope=a.expert_scope,
         prefetch=a.prefetch,
+        expert_trace=a.expert_trace,
         **extra,
     )
 
@@ -30,7 +31,17 @@ def add_store_args(p) -> None:
     p.add_argument(
         "--expert-scope", default="global", help="budget shared by all layers (global) or per layer"
     )
-    p.add_argument("--prefetch", default="lookahead", help="prefetch predictor: lookahead, none")
+    p.add_argument(
+        "--prefetch",
+        default="lookahead",
+        help="prefetch predictor: lookahead (next layer's router), frequency, cooccurrence (learned "
+        "from --expert-trace), none",
+    )
+    p.add_argument(
+        "--expert-trace",
+        default=None,
+        help="routing trace of this model (moeflow trace): the pinned policy's hot set, cooccurrence's fit",
+    )
 
 
 def human(n: float, unit: str = "") -> str:

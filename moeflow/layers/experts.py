@@ -23,8 +23,13 @@ def swiglu_expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch
     return linear(F.silu(gate) * up, w2)
 
 
-def run_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fetch: Fetch) -> torch.Tensor:
-    """x [T, H], weights/ids [T, K] -> sum_k weights[t, k] * expert_{ids[t, k]}(x[t])  [T, H]"""
+def run_experts(
+    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fetch: Fetch, at_once: int | None = None
+) -> torch.Tensor:
+    """x [T, H], weights/ids [T, K] -> sum_k weights[t, k] * expert_{ids[t, k]}(x[t])  [T, H]
+    at_once: most experts `fetch` may be asked for in one call (a budgeted store's capacity); a
+    batch whose tokens use more runs them in groups of that many. Each expert's rows are computed
+    the same way either way, so the result does not depend on it."""
     if x.shape[0] == 1:
         return _single_token(x, weights[0], ids[0].tolist(), fetch)
     K = ids.shape[1]
@@ -34,7 +39,20 @@ def run_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fetch
     token_of = order // K
     xs = x[token_of]  # [T*K, H] each token once per expert that picked it
     active, sizes = experts.tolist(), counts.tolist()
-    weights_of = fetch(active)
+    step = at_once or len(active)
+    ys = torch.empty_like(xs)
+    row = 0
+    for i in range(0, len(active), step):
+        part = sizes[i : i + step]
+        n = sum(part)
+        ys[row : row + n] = _grouped(xs[row : row + n], fetch(active[i : i + step]), part, x.dtype)
+        row += n
+    ys *= weights.reshape(-1)[order, None].to(ys.dtype)
+    return torch.zeros_like(x).index_add_(0, token_of, ys)
+
+
+def _grouped(xs: torch.Tensor, weights_of, sizes: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """xs [sum(sizes), H]: rows grouped by expert, sizes[i] rows for weights_of[i]."""
     w_dtype = weights_of[0][0].dtype
     if (
         GROUPED
@@ -42,15 +60,13 @@ def run_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fetch
         and max(sizes) < GROUPED_MAX_ROWS
         and experts_usable(xs, weights_of[0][0])
     ):
-        ys = native_moe_grouped(xs, weights_of, sizes).to(x.dtype)  # one call for the whole layer
-    else:
-        ys = torch.empty_like(xs)
-        start = 0
-        for n, (w13, w2) in zip(sizes, weights_of):
-            ys[start : start + n] = swiglu_expert(xs[start : start + n], w13, w2)
-            start += n
-    ys *= weights.reshape(-1)[order, None].to(ys.dtype)
-    return torch.zeros_like(x).index_add_(0, token_of, ys)
+        return native_moe_grouped(xs, weights_of, sizes).to(dtype)  # one call for the group
+    ys = torch.empty_like(xs)
+    start = 0
+    for n, (w13, w2) in zip(sizes, weights_of):
+        ys[start : start + n] = swiglu_expert(xs[start : start + n], w13, w2)
+        start += n
+    return ys
 
 
 def _single_token(x: torch.Tensor, w: torch.Tensor, ids: list[int], fetch: Fetch) -> torch.Tensor:

@@ -65,7 +65,8 @@ class MoEBlock(nn.Module):
         on_route = getattr(ctx.experts, "on_route", None)
         if on_route is not None:  # a tiered store starts the next layer's reads now
             on_route(layer, x, ids)
-        out = run_experts(x, weights, ids, lambda active: ctx.experts.fetch(layer, active))
+        at_once = getattr(ctx.experts, "at_once", None)  # a budgeted store holds only so many
+        out = run_experts(x, weights, ids, lambda active: ctx.experts.fetch(layer, active), at_once)
         if self.m.shared_intermediate:
             shared = self.shared_expert(x)
             if self.m.shared_gate:

@@ -16,7 +16,7 @@ from ..models.registry import parse_args
 from ..models.transformer import CausalLM
 from ..store.build import tiered_store
 from ..store.config import StoreConfig
-from ..store.lookahead import LookaheadPredictor
+from ..store.predict import make_engine_predictor
 from ..store.tiered import TieredExperts
 from .checkpoint import Checkpoint, MemoryCheckpoint
 from .experts import check_shape, layer_experts
@@ -64,8 +64,11 @@ def load(
         model.load_state_dict(state, assign=True, strict=True)
         experts = tiered or _load_experts(ckpt, canon, args, dtype, device, bar)
     model.eval()
-    if tiered is not None and store.prefetch == "lookahead":
-        tiered.predictor = LookaheadPredictor(model, args.moe_layers, args.moe.top_k)
+    if tiered is not None:
+        m = args.moe
+        tiered.predictor = make_engine_predictor(
+            store.prefetch, model, args.moe_layers, m.n_experts, m.top_k, store.trace
+        )
     for layer in model.model.layers:
         if hasattr(layer.self_attn, "fuse_qkv"):
             layer.self_attn.fuse_qkv()
@@ -80,7 +83,11 @@ def _dense_tensor(ckpt, canon, name, shape, args, dtype, device) -> torch.Tensor
         raise CheckpointError(f"tensor {name} is missing from the checkpoint")
     check_shape(src, ckpt.shape(src), shape)
     want = torch.float32 if name.endswith(_KEEP_FP32) else dtype
-    return ckpt.get(src).to(device=device, dtype=want)
+    raw = ckpt.get(src)
+    out = raw.to(device=device, dtype=want)
+    if out.data_ptr() == raw.data_ptr():  # still the file's mmap: a file truncated later would
+        out = out.clone()  # kill the process (SIGBUS) instead of raising a clear error
+    return out
 
 
 def _load_experts(ckpt, canon, args: ModelArgs, dtype, device, bar) -> ResidentExperts:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 import torch
 
 from ..cache.capacity import CacheCapacity
@@ -14,6 +13,7 @@ from ..models.args import ModelArgs
 from .budget import parse_size
 from .config import StoreConfig
 from .extents import expert_map
+from .predict import model_trace
 from .tiered import TieredExperts
 
 
@@ -47,12 +47,15 @@ def tiered_store(ckpt, canon, args: ModelArgs, dtype: torch.dtype, cfg: StoreCon
             file=sys.stderr,
         )
         return None
+    profile = None
+    if cfg.policy == "pinned":
+        if cfg.trace is None:
+            raise ConfigError(
+                "policy pinned pins the experts a recorded trace used most: give --expert-trace TRACE"
+            )
+        profile = model_trace(cfg.trace, args.moe_layers, m.n_experts).profile()
     ctx = PolicyContext(
-        n_layers=len(args.moe_layers),
-        n_experts=m.n_experts,
-        top_k=m.top_k,
-        capacity=cap,
-        profile=None if cfg.profile is None else np.asarray(cfg.profile),
+        n_layers=len(args.moe_layers), n_experts=m.n_experts, top_k=m.top_k, capacity=cap, profile=profile
     )
     policy = make_policy(cfg.policy, ctx)
     return TieredExperts(

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 from ..cache.registry import POLICIES
 from ..errors import ConfigError
-
-PREDICTORS = ("none", "lookahead")
+from .predict import PREDICTORS
 
 
 @dataclass
@@ -17,7 +16,7 @@ class StoreConfig:
     scope: str = "global"  # "global": layers share the budget; "layer": an equal share each
     prefetch: str = "lookahead"
     io_threads: int = 1
-    profile: object = None  # [L, E] expert use counts for the "pinned" policy (e.g. from a trace)
+    trace: str | None = None  # a routing trace of this model: pinned's hot set, cooccurrence's fit
 
     def __post_init__(self):
         usable = [p for p in POLICIES if p != "belady"]  # belady needs the future: simulator only

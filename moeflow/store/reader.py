@@ -20,22 +20,25 @@ DROP_CACHE = os.environ.get("MOEFLOW_KEEP_PAGE_CACHE", "0") != "1" and hasattr(o
 
 
 class FileReader:
-    """One descriptor per file, shared by every reader thread (pread needs no seek lock)."""
+    """One descriptor per file, shared by every reader thread (pread needs no seek lock). All are
+    opened up front: a file deleted or replaced while running keeps serving its original bytes
+    (the open descriptor holds the inode); one truncated underneath gives a clear error."""
 
-    def __init__(self):
+    def __init__(self, files):
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
         self.bytes_read = 0
+        try:
+            for path in files:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            self.close()
+            raise CheckpointError(
+                f"cannot open {Path(e.filename).name} for expert reads: {e.strerror}"
+            ) from None
 
     def _fd(self, path: Path) -> int:
-        with self._lock:
-            fd = self._fds.get(path)
-            if fd is None:
-                try:
-                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
-                except OSError as e:
-                    raise CheckpointError(f"cannot open {path.name} for expert reads: {e.strerror}") from None
-            return fd
+        return self._fds[path]
 
     def read_into(self, extents: list[Extent], out: torch.Tensor) -> None:
         """Fills the flat CPU tensor `out` (disk dtype) from the expert's extents."""

@@ -44,15 +44,16 @@ class TieredExperts:
         self.slots = torch.empty(n_slots, emap.numel, dtype=dtype)  # the whole budget, allocated once
         self.slot_of = np.full(len(self.layers) * n_experts, -1, dtype=np.int64)
         self.free = list(range(n_slots - 1, -1, -1))
-        self.reader = FileReader()
+        self.reader = FileReader(sorted({x.file for runs in emap.extents.values() for x in runs}))
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="moeflow-io")
         self.inflight: dict[int, Future] = {}
         self._local = threading.local()
         self.in_use = np.zeros(0, dtype=np.int64)
         self.step = 0
         self.stats = StoreStats()
-        self.predictor = None  # e.g. a LookaheadPredictor: observe(store, layer, x, ids)
+        self.predictor = None  # an EnginePredictor (store.predict): names the next layer's experts
         self._routed = None
+        self._guess: dict[int, set[int]] = {}  # layer index -> experts predicted for its next use
 
     @property
     def expert_nbytes(self) -> int:
@@ -67,10 +68,13 @@ class TieredExperts:
         buf = self.slots[self.slot_of[key]]
         return buf[: 2 * I * H].view(2 * I, H), buf[2 * I * H :].view(H, I)
 
+    @property
+    def at_once(self) -> int:
+        """Most experts one fetch may ask for: a batch using more runs them in groups."""
+        return self.cache.capacity.size
+
     def fetch(self, layer: int, ids) -> list[tuple[torch.Tensor, torch.Tensor]]:
         li = self.index[layer]
-        if li == 0:
-            self.step += 1
         ids = [int(e) for e in ids]
         acc = self.cache.request(li, ids, self.step)
         self._release(acc.evicted)
@@ -84,10 +88,29 @@ class TieredExperts:
                 fut.result()
         self.stats.stall_s += time.perf_counter() - t0
         self.in_use = np.asarray(keys, dtype=np.int64)
-        routed, self._routed = self._routed, None
-        if self.predictor is not None and routed is not None and routed[0] == layer:
-            self.predictor.observe(self, *routed)  # this layer's reads are done: start the next's
+        routed = self._routed
+        if routed is not None and routed[0] == layer:
+            routed[3].difference_update(ids)
+            if not routed[3]:  # this layer's last group is read: start the next layer's reads
+                self._routed = None
+                self._predict(li, routed[1], routed[2])
         return [self._views(k) for k in keys]
+
+    def _predict(self, li: int, x: torch.Tensor, ids: torch.Tensor) -> None:
+        guess = self._guess.pop(li, None)
+        if guess is not None:  # score the guess made for this layer
+            used = set(ids[ids >= 0].unique().tolist())
+            s = self.stats
+            s.predicted, s.used, s.predicted_used = (
+                s.predicted + len(guess),
+                s.used + len(used),
+                s.predicted_used + len(guess & used),
+            )
+        nxt = self.predictor.next_experts(li, x, ids, self.prefetch_room(ids)) if self.predictor else None
+        if nxt is not None:
+            nli, chosen = nxt
+            self.prefetch(self.layers[nli], chosen)
+            self._guess[nli] = {int(e) for e in chosen}
 
     def prefetch(self, layer: int, ids) -> None:
         """Starts background reads of experts `ids` of `layer`; never evicts the running layer's."""
@@ -100,23 +123,25 @@ class TieredExperts:
             self.slot_of[key] = self.free.pop()
             self.inflight[key] = self.pool.submit(self._fill, key)
 
-    def prefetch_room(self, layer: int) -> int:
-        """How many experts a prefetch for `layer` may bring without touching the running layer's."""
+    def prefetch_room(self, ids: torch.Tensor) -> int:
+        """How many experts to prefetch after a layer routed `ids` [T, K]: no more than that layer
+        used (a guess beyond it mostly evicts useful experts) and than fit beside the running layer's."""
         cap = self.cache.capacity
-        if cap.scope == "layer":
-            return cap.per_layer
-        return max(0, cap.total - len(self.in_use))
+        room = cap.per_layer if cap.scope == "layer" else max(0, cap.total - len(self.in_use))
+        return min(room, int((ids >= 0).sum()))
 
     def on_route(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> None:
         """Called by the MoE block once layer `layer` is routed (x: its input, ids [T, K]); the
         predictor runs after this layer's own misses are read, so it never delays them."""
-        self._routed = (layer, x, ids)
+        if self.index[layer] == 0:
+            self.step += 1
+        self._routed = (layer, x, ids, set(ids[ids >= 0].unique().tolist()))
 
     def _release(self, evicted: np.ndarray) -> None:
         for key in evicted:
             key = int(key)
             fut = self.inflight.pop(key, None)
-            if fut is not None:  # a prefetch still writing into the slot: let it land first
+            if fut is not None and not fut.cancel():  # already writing into the slot: let it land
                 fut.result()
             self.free.append(int(self.slot_of[key]))
             self.slot_of[key] = -1

@@ -1,0 +1,99 @@
+"""Prefetch predictors as the engine runs them: after MoE layer i is routed, name the experts
+the next MoE layer will likely use, so their reads overlap layer i's compute.
+
+Two kinds behind one method, `next_experts(li, x, ids, room)`:
+- look-ahead: apply the next layer's router to this layer's input (the residual stream changes
+  little between adjacent layers, so the guess is usually right);
+- history: the simulator's trace predictors (`cache.predictors`: recent frequency, or the learned
+  co-occurrence model fitted on a recorded trace) fed with what each layer used.
+A wrong guess costs bandwidth, never correctness: fetch always waits for the exact experts asked."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from ..cache.predictors import CoOccurrence, Predictor, RecentFrequency
+from ..errors import ConfigError
+from ..sim.trace import Trace, load_trace
+
+PREDICTORS = ("none", "lookahead", "frequency", "cooccurrence")
+
+
+class EnginePredictor(Protocol):
+    name: str
+
+    def next_experts(self, li: int, x: torch.Tensor, ids: torch.Tensor, room: int):
+        """MoE layer index li just routed input x [T, H] to ids [T, K] (-1 = unused).
+        Returns (next layer index, at most `room` expert ids) or None for no prefetch."""
+
+
+class Lookahead:
+    name = "lookahead"
+
+    def __init__(self, model, moe_layers: list[int], top_k: int):
+        self.blocks = [model.model.layers[i].mlp for i in moe_layers]
+        self.top_k = top_k
+
+    def next_experts(self, li: int, x: torch.Tensor, ids: torch.Tensor, room: int):
+        if li + 1 >= len(self.blocks):  # the next token's first layer needs that token's state
+            return None
+        block = self.blocks[li + 1]
+        with torch.no_grad():
+            _, guess = block._route(block.gate(x), self.top_k)
+        return li + 1, by_votes(guess, room)
+
+
+class History:
+    """A trace predictor run online: layer li of step t observed, then asked for the next layer
+    (wrapping to the first layer of step t + 1, which this kind can guess too)."""
+
+    def __init__(self, predictor: Predictor, n_layers: int):
+        self.p, self.n_layers, self.t = predictor, n_layers, 0
+        self.name = predictor.name
+
+    def next_experts(self, li: int, x: torch.Tensor, ids: torch.Tensor, room: int):
+        if li == 0:
+            self.t += 1
+        used = ids[ids >= 0].unique().numpy()
+        self.p.observe(li, used, self.t)
+        nxt, t = (li + 1, self.t) if li + 1 < self.n_layers else (0, self.t + 1)
+        return nxt, self.p.predict(nxt, t, min(room, self.p.n_experts))
+
+
+def by_votes(ids: torch.Tensor, room: int) -> np.ndarray:
+    """The experts most tokens picked, at most `room` of them (ties: the lower id)."""
+    flat = ids.reshape(-1).numpy()
+    experts, votes = np.unique(flat[flat >= 0], return_counts=True)
+    return experts[np.argsort(-votes, kind="stable")[:room]]
+
+
+def make_engine_predictor(name: str, model, moe_layers: list[int], n_experts: int, top_k: int, trace=None):
+    """trace: path of a recorded routing trace of this model (the learned predictor's data)."""
+    L = len(moe_layers)
+    if name == "none":
+        return None
+    if name == "lookahead":
+        return Lookahead(model, moe_layers, top_k)
+    if name == "frequency":
+        return History(RecentFrequency(L, n_experts), L)
+    if name == "cooccurrence":
+        if trace is None:
+            raise ConfigError(
+                "prefetch cooccurrence is fitted on a recorded trace: give --expert-trace TRACE"
+            )
+        return History(CoOccurrence.fit(model_trace(trace, moe_layers, n_experts).experts, n_experts), L)
+    raise ConfigError(f"unknown prefetch predictor {name!r} (known: {', '.join(PREDICTORS)})")
+
+
+def model_trace(path, moe_layers: list[int], n_experts: int) -> Trace:
+    """A trace that must have been recorded on a model of this geometry."""
+    tr = load_trace(path)
+    if tr.meta.moe_layers != list(moe_layers) or tr.meta.n_experts != n_experts:
+        raise ConfigError(
+            f"trace {path} was recorded on {len(tr.meta.moe_layers)} MoE layers x {tr.meta.n_experts} "
+            f"experts; this model has {len(moe_layers)} x {n_experts}"
+        )
+    return tr

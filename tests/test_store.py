@@ -1,0 +1,197 @@
+"""The tiered expert store must never change what the model computes: for every budget, policy,
+scope and predictor, greedy tokens equal the all-resident run's and logits differ by <= 1e-6.
+The cache never holds more than its budget, and bad budgets or files give one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeflow.engine.sampling import SamplingParams
+from moeflow.errors import CheckpointError, ConfigError
+from moeflow.eval.trace import record, save
+from moeflow.eval.windows import run_windows, split
+from moeflow.llm import LLM
+from moeflow.loader.load import load
+from moeflow.store.config import StoreConfig
+from moeflow.store.tiered import TieredExperts
+
+PROMPTS = [[5, 17, 230, 9, 44, 1000, 3], [77, 12, 5, 600, 601, 2, 8, 9, 31, 40, 41]]
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+WINDOWS = [list(range(40, 88)), list(range(300, 340)), list(range(1000, 1030))]
+
+
+@pytest.fixture(scope="module")
+def top1_model(chat_model, tmp_path_factory):
+    """The tiny chat model routed top-1, so a budget of one expert per layer is legal."""
+    path = tmp_path_factory.mktemp("top1") / "model"
+    shutil.copytree(chat_model, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["num_experts_per_tok"] = 1
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def traces(chat_model, top1_model, tmp_path_factory):
+    """A recorded routing trace per model: pinned's hot set and cooccurrence's training data."""
+    out = {}
+    for name, path in (("top4", chat_model), ("top1", top1_model)):
+        lm = load(path, progress=False)
+        trace = tmp_path_factory.mktemp("trace") / f"{name}.npz"
+        save(trace, record(lm, list(range(3, 600)), window=128, progress=False))
+        out[name] = str(trace)
+    return out
+
+
+def expert_bytes(path: Path) -> int:
+    cfg = json.loads((path / "config.json").read_text())
+    return 3 * cfg["hidden_size"] * cfg["moe_intermediate_size"] * 4
+
+
+def run(path: Path, **store) -> tuple[list[list[int]], torch.Tensor, LLM]:
+    llm = LLM(path, progress=False, **store)
+    tiered = llm.loaded.experts
+    if isinstance(tiered, TieredExperts):
+        check_budget(tiered)
+    tokens = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
+    logits = torch.cat([w.logits for w in run_windows(llm.loaded, WINDOWS, batch=2, progress=False)])
+    return tokens, logits, llm
+
+
+def check_budget(store: TieredExperts) -> None:
+    """Wraps fetch and prefetch to assert the cache holds no more than its capacity at any time."""
+    cap = store.cache.capacity
+    limit = cap.total if cap.per_layer is None else cap.per_layer * len(store.layers)
+    slots = store.slots.data_ptr()
+
+    def checked(fn):
+        def call(*a, **k):
+            out = fn(*a, **k)
+            assert len(store.cache) <= limit, f"cache holds {len(store.cache)} > {limit}"
+            if cap.per_layer is not None:
+                assert store.cache.count.max() <= cap.per_layer
+            assert store.slots.data_ptr() == slots  # no buffer beyond the preallocated budget
+            assert (store.slot_of >= 0).sum() == len(store.cache)
+            return out
+
+        return call
+
+    store.fetch, store.prefetch = checked(store.fetch), checked(store.prefetch)
+
+
+@pytest.fixture(scope="module")
+def reference(chat_model, top1_model):
+    return {"top4": run(chat_model)[:2], "top1": run(top1_model)[:2]}
+
+
+def assert_same(got, want):
+    assert got[0] == want[0], "generated tokens differ from the all-resident run"
+    assert (got[1] - want[1]).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+@pytest.mark.parametrize("prefetch", ["none", "lookahead", "frequency", "cooccurrence"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "reuse", "pinned"])
+def test_single_expert_budget_is_exact(top1_model, reference, traces, policy, prefetch, scope):
+    """Top-1 routing, a budget of one expert per layer (or one in all): every step evicts."""
+    n = 4 if scope == "layer" else 1  # 4 MoE layers
+    tokens, logits, llm = run(
+        top1_model,
+        expert_memory=n * expert_bytes(top1_model),
+        expert_policy=policy,
+        expert_scope=scope,
+        prefetch=prefetch,
+        expert_trace=traces["top1"],
+    )
+    assert_same((tokens, logits), reference["top1"])
+    stats = llm.expert_stats()
+    assert stats["misses"] > 0 and stats["bytes_read"] >= stats["misses"] * expert_bytes(top1_model)
+    assert stats["budget_bytes"] == n * expert_bytes(top1_model)
+
+
+@pytest.mark.parametrize("share", ["4", "25%", "50%", "90%"])
+@pytest.mark.parametrize("prefetch", ["lookahead", "cooccurrence"])
+def test_budgets_are_exact(chat_model, reference, traces, share, prefetch):
+    """Top-4 of 16 experts; "4" = exactly one layer's top-k in all, the least that works."""
+    budget = 4 * expert_bytes(chat_model) if share == "4" else share
+    tokens, logits, llm = run(
+        chat_model, expert_memory=budget, prefetch=prefetch, expert_trace=traces["top4"]
+    )
+    assert_same((tokens, logits), reference["top4"])
+    s = llm.expert_stats()
+    assert s["precision"] is not None and 0 < s["recall"] <= 1
+    assert s["hits"] + s["misses"] > 0
+
+
+def test_fused_layout_is_exact(checkpoint):
+    """Experts stored as fused [E, 2I, H] / [E, H, I] tensors are read in place as well."""
+    path, _ = checkpoint("qwen3_moe", fused=True)
+    wins = split(list(range(2, 150)), 37)
+    want = torch.cat([w.logits for w in run_windows(load(path, progress=False), wins, progress=False)])
+    lm = load(path, progress=False, store=StoreConfig(expert_memory="40%", policy="lfu"))
+    assert isinstance(lm.experts, TieredExperts)
+    got = torch.cat([w.logits for w in run_windows(lm, wins, progress=False)])
+    assert (got - want).abs().max().item() <= 1e-6
+
+
+def test_stats_count_reads(chat_model):
+    llm = LLM(chat_model, progress=False, expert_memory="25%", prefetch="none")
+    llm.generate(prompt_token_ids=PROMPTS[:1], sampling_params=GREEDY)
+    s = llm.expert_stats()
+    assert s["prefetches"] == 0 and s["precision"] is None
+    assert s["bytes_read"] == s["misses"] * expert_bytes(chat_model)
+    assert LLM(chat_model, progress=False).expert_stats() is None
+
+
+def test_truncated_file_mid_run_is_an_error(chat_model, tmp_path):
+    path = tmp_path / "model"
+    shutil.copytree(chat_model, path)
+    llm = LLM(path, progress=False, expert_memory="25%", prefetch="lookahead")
+    first = llm.generate(prompt_token_ids=PROMPTS[:1], sampling_params=GREEDY)[0].token_ids
+    (weights,) = path.glob("*.safetensors")
+    os.truncate(weights, weights.stat().st_size // 2)
+    with pytest.raises(CheckpointError, match="ended early"):
+        llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
+    assert first  # what ran before the truncation was whole
+
+
+def test_deleted_file_mid_run_keeps_serving(chat_model, reference, tmp_path):
+    """The open descriptor holds the inode: the original bytes are still read, exactly."""
+    path = tmp_path / "model"
+    shutil.copytree(chat_model, path)
+    llm = LLM(path, progress=False, expert_memory="25%")
+    for f in path.glob("*.safetensors"):
+        f.unlink()
+    tokens = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
+    assert tokens == reference["top4"][0]
+
+
+def test_bad_budgets(chat_model, capsys):
+    with pytest.raises(ConfigError, match="fewer than the 4 one layer runs at once"):
+        LLM(chat_model, progress=False, expert_memory=3 * expert_bytes(chat_model))
+    with pytest.raises(ConfigError, match="per layer"):
+        LLM(chat_model, progress=False, expert_memory="10%", expert_scope="layer")
+    with pytest.raises(ConfigError, match="unknown size unit .parsecs."):
+        LLM(chat_model, progress=False, expert_memory="12 parsecs")
+    with pytest.raises(ConfigError, match="unknown expert cache policy"):
+        LLM(chat_model, progress=False, expert_memory="50%", expert_policy="fifo")
+    with pytest.raises(ConfigError, match="expert-trace"):
+        LLM(chat_model, progress=False, expert_memory="50%", expert_policy="pinned")
+    with pytest.raises(ConfigError, match="expert-trace"):
+        LLM(chat_model, progress=False, expert_memory="50%", prefetch="cooccurrence")
+    llm = LLM(chat_model, progress=False, expert_memory="64GiB")
+    assert llm.expert_stats() is None  # more than the model: everything resident
+    assert "all stay resident" in capsys.readouterr().err
+
+
+def test_trace_of_another_model_is_refused(chat_model, traces):
+    from moeflow.store.predict import model_trace
+
+    with pytest.raises(ConfigError, match="recorded on 4 MoE layers x 16 experts; this model has 3 x 16"):
+        model_trace(traces["top1"], [0, 1, 2], 16)

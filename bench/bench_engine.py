@@ -213,7 +213,7 @@ class TransformersRunner:
 
 
 class LlamaCppRunner:
-    def __init__(self, gguf_file: Path, variant: str, threads: int) -> None:
+    def __init__(self, gguf_file: Path, variant: str, threads: int, mmap: bool = False) -> None:
         import llama_cpp
 
         self.label = f"llama.cpp {variant.upper()}"
@@ -224,7 +224,7 @@ class LlamaCppRunner:
             n_threads_batch=threads,
             n_ctx=512,
             n_batch=512,
-            use_mmap=False,  # resident weights, same reason as TransformersRunner
+            use_mmap=mmap,  # default resident weights, same reason as TransformersRunner
             verbose=False,
         )
         self.n_vocab = self.llm.n_vocab()

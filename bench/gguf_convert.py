@@ -28,7 +28,7 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 CACHE_DIR = BENCH_DIR / ".cache"
 DEFAULT_VERSION = "0.3.36"  # keep in step with bench/requirements.txt
-OUTTYPES = ("f32", "f16", "q8_0")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 # Only what the converter imports: the script, its model-class package and the gguf writer.
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 SHIM_FLAG = "--run-converter-shim"

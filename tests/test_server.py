@@ -236,3 +236,19 @@ def test_queue_full_answers_503(chat_model):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_expert_budget_serves_same_text_with_cache_metrics(chat_model, client):
+    """With experts read from disk under a budget, answers are unchanged and /metrics counts
+    the expert cache's hits, misses and bytes."""
+    proc, base = start(chat_model, "--expert-memory", "25%", "--expert-policy", "lfu")
+    try:
+        tiered = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+        prompt = "Return the number of items in a container."
+        assert greedy(tiered, prompt, 12) == greedy(client, prompt, 12)
+        assert metric(base, "moeflow_expert_cache_misses_total") > 0
+        assert metric(base, "moeflow_expert_cache_hits_total") > 0
+        assert metric(base, "moeflow_expert_cache_bytes_read_total") > 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -33,6 +33,18 @@ class Metrics:
             "moeflow_expert_activations", "Tokens routed to each expert", ["layer", "expert"], registry=r
         )
         self._moe_layers, self._n_experts = moe_layers, n_experts
+        # a tiered expert store's counters, advanced by what changed since the last step
+        self.store = {
+            key: Counter(f"moeflow_expert_cache_{key}", text, registry=r)
+            for key, text in (
+                ("hits", "Expert accesses served from the in-memory cache"),
+                ("misses", "Expert accesses that waited for a read from disk"),
+                ("prefetches", "Experts read ahead of their use by the predictor"),
+                ("bytes_read", "Expert bytes read from the checkpoint files"),
+                ("stall_s", "Seconds the model waited for expert reads"),
+            )
+        }
+        self._store_seen = dict.fromkeys(self.store, 0.0)
 
     def on_token(self, handle, now: float) -> None:
         if handle.first_token is None:
@@ -54,6 +66,12 @@ class Metrics:
         self.waiting.set(engine_thread.waiting)
         self.kv_free.set(engine_thread.engine.cache.free_slots if engine_thread.engine.cache else 0)
         self.aborted.set(engine_thread.aborted)
+        report = getattr(engine_thread.engine.m.experts, "report", None)
+        if report is not None:
+            now = report()
+            for key, counter in self.store.items():
+                counter.inc(max(0.0, now[key] - self._store_seen[key]))
+                self._store_seen[key] = now[key]
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

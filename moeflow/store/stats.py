@@ -9,6 +9,7 @@ from dataclasses import dataclass
 class StoreStats:
     stall_s: float = 0.0  # time the model waited for expert reads (demand misses + late prefetches)
     demand_loads: int = 0
+    demand_read_s: float = 0.0  # of the stall, time spent reading demand misses
     predicted: int = 0  # experts a predictor named for a layer
     predicted_used: int = 0  # of those, experts the layer then used
     used: int = 0  # experts layers used while a prediction for them existed
@@ -26,6 +27,8 @@ class StoreStats:
             "prefetch_hits": c.prefetch_hits,
             "wasted_prefetches": c.wasted_prefetches,
             "bytes_read": store.reader.bytes_read,
+            "demand_bytes": self.demand_loads * store.map.nbytes,
+            "demand_read_s": self.demand_read_s,
             "stall_s": self.stall_s,
             "predictor": getattr(store.predictor, "name", None),
             "precision": self.predicted_used / self.predicted if self.predicted else None,

@@ -81,6 +81,7 @@ class TieredExperts:
         t0 = time.perf_counter()
         for key in acc.loaded:  # demand misses: read now, on this thread
             self._read(int(key))
+        self.stats.demand_read_s += time.perf_counter() - t0
         keys = [li * self.n_experts + e for e in ids]
         for key in keys:  # prefetched ones still on their way
             fut = self.inflight.pop(key, None)

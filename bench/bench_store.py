@@ -1,0 +1,413 @@
+"""Tiered expert store benchmark: decode speed, reads, stalls and peak RSS under expert budgets.
+
+Every configuration runs in its own process (peak RSS is per process, and no run inherits
+another's page cache or allocator state); the parent probes disk bandwidth in the same run.
+
+    python bench/bench_store.py real  --out bench/out/store-real.json     # converted SmolLM2-MoE
+    python bench/bench_store.py scale --model bench/.cache/qwen3-30b-shape --out bench/out/store-scale.json
+
+real:  the default model (real text, real routing). Budgets 10/25/50% of expert bytes against
+       naive on-demand loading (a budget of one layer's top-k, no prefetch) and all in RAM; every
+       policy and predictor at 25%; every policy against Belady in the simulator on a trace of
+       held-out text.
+scale: a random-weight checkpoint with >= 8 GB of experts; the same budgets, plus llama.cpp on
+       the same weights (GGUF, mmap), and the simulator's modelled time checked against the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+
+# ---------------------------------------------------------------- child: one configuration
+
+
+def vm_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def child(spec: dict) -> dict:
+    import torch
+
+    from moeflow.engine.sampling import SamplingParams
+    from moeflow.llm import LLM
+
+    base_rss = vm_rss()  # python + torch + moeflow imported, nothing loaded
+    t0 = time.perf_counter()
+    llm = LLM(
+        spec["model"],
+        dtype=spec.get("dtype", "float32"),
+        progress=False,
+        expert_memory=spec.get("budget"),
+        expert_policy=spec.get("policy", "lru"),
+        prefetch=spec.get("prefetch", "lookahead"),
+        expert_trace=spec.get("trace"),
+    )
+    load_s = time.perf_counter() - t0
+    experts = llm.loaded.experts
+    routes: list[np.ndarray] = []
+    if spec.get("record"):  # this run's own routing, for the simulator check
+        inner = getattr(experts, "on_route", None)
+
+        def record(layer, x, ids):
+            if ids.shape[0] == 1:
+                routes.append(ids[0].numpy().astype(np.int16))
+            if inner is not None:
+                inner(layer, x, ids)
+
+        experts.on_route = record
+    dense = sum(p.numel() * p.element_size() for p in llm.loaded.model.parameters())
+    dense -= (
+        llm.loaded.model.lm_head.weight.numel() * llm.loaded.model.lm_head.weight.element_size()
+        if llm.args.tie_embeddings
+        else 0
+    )
+    sp = SamplingParams(max_tokens=spec["tokens"], temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    out = llm.generate(prompt_token_ids=[spec["prompt"]], sampling_params=sp)[0]
+    wall = time.perf_counter() - t0
+    st = out.stats
+    res = {
+        "name": spec["name"],
+        "load_s": load_s,
+        "prefill_tps": st.prefill_tps,
+        "decode_tps": st.decode_tps,
+        "decode_tokens": st.decode_tokens,
+        "wall_s": wall,
+        "tokens": out.token_ids,
+        "store": llm.expert_stats(),
+        "dense_bytes": dense,
+        "base_rss": base_rss,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "threads": torch.get_num_threads(),
+    }
+    if routes:
+        L = len(llm.args.moe_layers)
+        steps = np.stack(routes)  # [steps, K]: prefill excluded, decode layer-steps in run order
+        res["routes"] = steps[: len(steps) // L * L].reshape(-1, L, steps.shape[1]).tolist()
+    return res
+
+
+def run_child(spec: dict) -> dict:
+    """Runs one configuration in a fresh interpreter; returns its JSON result."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=env
+    )
+    if proc.returncode:
+        raise SystemExit(f"configuration {spec['name']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- parent: the cases
+
+
+def expert_files(model: Path) -> list[Path]:
+    return sorted(model.glob("*.safetensors"))
+
+
+def disk_probe(model: Path) -> dict:
+    from diskbw import probe
+
+    files = expert_files(model)
+    return {
+        "direct_gbs": probe(files, 1.0, threads=1, direct=True),
+        "direct_x4_gbs": probe(files, 1.0, threads=4, direct=True),
+        "dropped_gbs": probe(files, 1.0, threads=1, direct=False),
+    }
+
+
+def expert_geometry(model: Path) -> dict:
+    from moeflow.eval.trace import trace_meta
+    from moeflow.loader.load import load
+
+    lm = load(model, progress=False)
+    meta = trace_meta(lm, lm.args.moe.top_k)
+    meta["n_moe_layers"] = len(lm.args.moe_layers)
+    return meta
+
+
+def budget_bytes(share: float, g: dict) -> int:
+    return int(share * g["n_moe_layers"] * g["n_experts"] * g["expert_bytes"])
+
+
+def summarise(r: dict) -> str:
+    s = r.get("store") or {}
+    extra = ""
+    if s:
+        read_gbs = s["demand_bytes"] / s["demand_read_s"] / 1e9 if s.get("demand_read_s") else 0.0
+        rec = s.get("recall")
+        extra = (
+            f" hit {s['hit_rate']:.1%} read {s['bytes_read'] / 2**20:.0f} MiB stall {s['stall_s']:.2f}s"
+            f" demand-read {read_gbs:.2f} GB/s" + (f" P/R {s['precision']:.2f}/{rec:.2f}" if rec else "")
+        )
+    return f"{r['name']:<28} {r['decode_tps']:7.2f} tok/s  rss {r['peak_rss'] / 2**20:6.0f} MiB{extra}"
+
+
+def run_configs(specs: list[dict], rounds: int) -> list[dict]:
+    """Each configuration `rounds` times, interleaved; keeps the median-speed result of each."""
+    got: dict[str, list[dict]] = {s["name"]: [] for s in specs}
+    for _ in range(rounds):
+        for spec in specs:
+            r = run_child(spec)
+            got[spec["name"]].append(r)
+            print(summarise(r), flush=True)
+    out = []
+    for spec in specs:
+        rs = sorted(got[spec["name"]], key=lambda r: r["decode_tps"])
+        med = rs[len(rs) // 2]
+        med["decode_tps_runs"] = [r["decode_tps"] for r in got[spec["name"]]]
+        out.append(med)
+    return out
+
+
+def check_exact(results: list[dict]) -> None:
+    want = results[0]["tokens"]
+    for r in results[1:]:
+        if r["tokens"] != want:
+            raise SystemExit(f"{r['name']} generated different tokens than {results[0]['name']}")
+
+
+def simulate_policies(trace_path: Path, g: dict, shares: list[float]) -> list[dict]:
+    """Every policy and Belady on a recorded trace, at each budget's capacity (global)."""
+    from moeflow.cache import CacheCapacity
+    from moeflow.sim.simulator import SimConfig, simulate
+    from moeflow.sim.trace import load_trace
+
+    trace = load_trace(trace_path)
+    rows = []
+    for share in shares:
+        n = budget_bytes(share, g) // g["expert_bytes"]
+        for policy in ("lru", "lfu", "reuse", "pinned", "belady"):
+            r = simulate(trace, SimConfig(CacheCapacity(total=n), policy=policy))
+            rows.append({"share": share, "capacity": n, "policy": policy, "hit_rate": r.stats.hit_rate})
+    return rows
+
+
+def case_real(a) -> dict:
+    from moeflow.corpus import read_text
+    from moeflow.default_model import default_model_path
+    from moeflow.eval.trace import record, save
+    from moeflow.loader.open import open_model
+    from moeflow.tokenizer import encode
+
+    model = Path(a.model) if a.model else default_model_path(progress=True)
+    g = expert_geometry(model)
+    lm, tok = open_model(model, progress=False)
+    # held-out text for the prompt and the policy trace; calibration text fits pinned/cooccurrence
+    eval_ids = encode(tok, read_text("builtin:evaluation"))
+    fit_trace, eval_trace = BENCH / "out" / "store-fit.npz", BENCH / "out" / "store-eval.npz"
+    save(
+        fit_trace,
+        record(lm, encode(tok, read_text("builtin:calibration"))[:4096], window=512, progress=False),
+    )
+    save(eval_trace, record(lm, eval_ids[:4096], window=512, progress=False))
+    del lm
+    prompt = eval_ids[5000 : 5000 + a.prompt]
+    base = {"model": str(model), "prompt": prompt, "tokens": a.tokens, "trace": str(fit_trace)}
+    K = g["top_k"]
+    specs = [
+        base | {"name": "all in RAM"},
+        base | {"name": "naive (top-k, no prefetch)", "budget": K * g["expert_bytes"], "prefetch": "none"},
+    ]
+    for share in (0.10, 0.25, 0.50):
+        specs.append(base | {"name": f"{share:.0%} lru lookahead", "budget": budget_bytes(share, g)})
+    q = budget_bytes(0.25, g)
+    for policy in ("lfu", "reuse", "pinned"):
+        specs.append(base | {"name": f"25% {policy} lookahead", "budget": q, "policy": policy})
+    for pred in ("none", "frequency", "cooccurrence"):
+        specs.append(base | {"name": f"25% lru {pred}", "budget": q, "prefetch": pred})
+    disk_before = disk_probe(model)
+    results = run_configs(specs, a.rounds)
+    disk_after = disk_probe(model)
+    check_exact(results)
+    return {
+        "case": "real",
+        "model": str(model),
+        "geometry": g,
+        "disk": [disk_before, disk_after],
+        "results": results,
+        "simulator": simulate_policies(eval_trace, g, [0.10, 0.25, 0.50]),
+    }
+
+
+def child_llama(spec: dict) -> dict:
+    """llama.cpp on the same weights (GGUF), memory-mapped as it runs by default."""
+    import torch
+    from bench_engine import LlamaCppRunner
+
+    base_rss = vm_rss()
+    t0 = time.perf_counter()
+    runner = LlamaCppRunner(Path(spec["gguf"]), "bf16", torch.get_num_threads(), mmap=True)
+    load_s = time.perf_counter() - t0
+    t = runner.run(spec["prompt"], spec["tokens"])
+    return {
+        "name": spec["name"],
+        "load_s": load_s,
+        "prefill_tps": t.prompt_tokens / t.prefill_s if t.prefill_s else 0.0,
+        "decode_tps": t.decode_tokens / t.decode_s if t.decode_s else 0.0,
+        "decode_tokens": t.decode_tokens,
+        "wall_s": t.wall_s,
+        "tokens": t.tokens,
+        "store": None,
+        "base_rss": base_rss,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def modelled_vs_measured(results: list[dict], g: dict, read_gbs: float) -> list[dict]:
+    """Replays each budgeted run's own decode routing in the simulator (same capacity, LRU, no
+    prefetch for naive; lookahead has no trace-only twin, so the oracle predictor stands in) and
+    compares its modelled ms/token with the measured one. Compute per layer-step is taken from
+    the all-in-RAM run."""
+    from moeflow.cache import CacheCapacity
+    from moeflow.sim.simulator import SimConfig, simulate
+    from moeflow.sim.trace import Trace, TraceMeta
+
+    ram = next(r for r in results if r["name"] == "all in RAM")
+    compute_ms = 1e3 / ram["decode_tps"] / g["n_moe_layers"]
+    meta = TraceMeta(**{k: g[k] for k in TraceMeta.__dataclass_fields__ if k in g})
+    rows = []
+    for r in results:
+        if not r.get("routes") or not r.get("store"):
+            continue
+        experts = np.asarray(r["routes"], dtype=np.int16)
+        T = len(experts)
+        trace = Trace(
+            experts, np.ones(experts.shape, np.float32), np.zeros(T, np.int32), np.zeros(T, np.int32), meta
+        )
+        n = r["store"]["budget_bytes"] // g["expert_bytes"]
+        predictor = None if r["store"]["predictor"] is None else "oracle"
+        cfg = SimConfig(
+            CacheCapacity(total=n),
+            predictor=predictor,
+            bandwidth_gbs=read_gbs,
+            compute_ms=compute_ms,
+            fit_fraction=0.0,
+        )
+        sim = simulate(trace, cfg)
+        modelled = sim.timing.ms_per_token
+        measured = 1e3 / r["decode_tps"]
+        rows.append(
+            {
+                "name": r["name"],
+                "modelled_ms_per_token": modelled,
+                "measured_ms_per_token": measured,
+                "error": modelled / measured - 1,
+                "sim_hit_rate": sim.stats.hit_rate,
+                "measured_hit_rate": r["store"]["hit_rate"],
+            }
+        )
+    return rows
+
+
+def case_scale(a) -> dict:
+    from moeflow.loader.checkpoint import Checkpoint
+
+    model = Path(a.model)
+    if not (model / "config.json").is_file():
+        raise SystemExit(f"{model}: build it first (see BENCHMARKS.md for the make_checkpoint command)")
+    g = expert_geometry_light(model)
+    gguf = model / "gguf" / "model-bf16.gguf"
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(100, g["vocab"] - 100, a.prompt).tolist()
+    base = {"model": str(model), "prompt": prompt, "tokens": a.tokens, "dtype": "bfloat16", "record": True}
+    K = g["top_k"]
+    specs = [
+        base | {"name": "naive (top-k, no prefetch)", "budget": K * g["expert_bytes"], "prefetch": "none"},
+    ]
+    for share in (0.10, 0.25, 0.50):
+        specs.append(base | {"name": f"{share:.0%} lru lookahead", "budget": budget_bytes(share, g)})
+        specs.append(
+            base | {"name": f"{share:.0%} lru none", "budget": budget_bytes(share, g), "prefetch": "none"}
+        )
+    specs.append(base | {"name": "all in RAM", "record": False})
+    if gguf.is_file():
+        specs.append(
+            {"name": "llama.cpp bf16 mmap", "engine": "llama.cpp", "gguf": str(gguf)}
+            | {k: base[k] for k in ("prompt", "tokens")}
+        )
+    disk_before = disk_probe(model)
+    results = run_configs(specs, a.rounds)
+    disk_after = disk_probe(model)
+    check_exact([r for r in results if r.get("store") is not None or r["name"] == "all in RAM"])
+    read = statistics.median(
+        r["store"]["demand_bytes"] / r["store"]["demand_read_s"] / 1e9
+        for r in results
+        if r.get("store") and r["store"]["demand_read_s"]
+    )
+    del Checkpoint
+    return {
+        "case": "scale",
+        "model": str(model),
+        "geometry": g,
+        "disk": [disk_before, disk_after],
+        "results": results,
+        "simulator_check": modelled_vs_measured(results, g, read),
+        "simulator_bandwidth_gbs": read,
+    }
+
+
+def expert_geometry_light(model: Path) -> dict:
+    """The trace meta of a big checkpoint without loading its weights (config and headers only)."""
+    from moeflow.loader.checkpoint import Checkpoint
+    from moeflow.models.registry import parse_args
+
+    ckpt = Checkpoint(model)
+    args, _ = parse_args(ckpt.config)
+    m = args.moe
+    name = next(k for k in ckpt.keys() if ".experts." in k)
+    itemsize = {"BF16": 2, "F16": 2, "F32": 4}[ckpt.header[name]["dtype"]]
+    return {
+        "model": str(model),
+        "model_type": args.model_type,
+        "moe_layers": list(args.moe_layers),
+        "n_moe_layers": len(args.moe_layers),
+        "n_experts": m.n_experts,
+        "top_k": m.top_k,
+        "hidden": args.hidden,
+        "expert_intermediate": m.intermediate,
+        "expert_bytes": 3 * args.hidden * m.intermediate * itemsize,
+        "dtype": ckpt.header[name]["dtype"].lower(),
+        "vocab": args.vocab_size,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("case", nargs="?", choices=["real", "scale"])
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--model", default=None)
+    p.add_argument("--tokens", type=int, default=48, help="tokens decoded per run")
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    if a.child:
+        spec = json.loads(a.child)
+        print(json.dumps(child_llama(spec) if spec.get("engine") == "llama.cpp" else child(spec)))
+        return
+    result = case_real(a) if a.case == "real" else case_scale(a)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

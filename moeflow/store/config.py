@@ -15,7 +15,7 @@ class StoreConfig:
     policy: str = "lru"
     scope: str = "global"  # "global": layers share the budget; "layer": an equal share each
     prefetch: str = "lookahead"
-    io_threads: int = 1
+    io_threads: int = 4  # demand misses of one layer are read this many at a time
     trace: str | None = None  # a routing trace of this model: pinned's hot set, cooccurrence's fit
 
     def __post_init__(self):

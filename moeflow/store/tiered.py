@@ -34,7 +34,7 @@ class TieredExperts:
         dtype: torch.dtype,
         capacity: CacheCapacity,
         policy,
-        io_threads: int = 1,
+        io_threads: int = 4,
     ):
         self.map, self.layers, self.n_experts = emap, list(moe_layers), n_experts
         self.inter, self.hidden, self.dtype = inter, hidden, dtype
@@ -45,7 +45,12 @@ class TieredExperts:
         self.slot_of = np.full(len(self.layers) * n_experts, -1, dtype=np.int64)
         self.free = list(range(n_slots - 1, -1, -1))
         self.reader = FileReader(sorted({x.file for runs in emap.extents.values() for x in runs}))
-        self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="moeflow-io")
+        # prefetches on their own thread; demand misses on a pool of their own, so they never
+        # queue behind a prefetch and several reads keep the disk's queue full
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="moeflow-prefetch")
+        self.demand = (
+            ThreadPoolExecutor(io_threads, thread_name_prefix="moeflow-read") if io_threads > 1 else None
+        )
         self.inflight: dict[int, Future] = {}
         self._local = threading.local()
         self.in_use = np.zeros(0, dtype=np.int64)
@@ -79,8 +84,7 @@ class TieredExperts:
         acc = self.cache.request(li, ids, self.step)
         self._release(acc.evicted)
         t0 = time.perf_counter()
-        for key in acc.loaded:  # demand misses: read now, on this thread
-            self._read(int(key))
+        self._read([int(k) for k in acc.loaded])  # demand misses: read now
         self.stats.demand_read_s += time.perf_counter() - t0
         keys = [li * self.n_experts + e for e in ids]
         for key in keys:  # prefetched ones still on their way
@@ -147,10 +151,15 @@ class TieredExperts:
             self.free.append(int(self.slot_of[key]))
             self.slot_of[key] = -1
 
-    def _read(self, key: int) -> None:
-        self.slot_of[key] = self.free.pop()
-        self._fill(key)
-        self.stats.demand_loads += 1
+    def _read(self, keys: list[int]) -> None:
+        for key in keys:
+            self.slot_of[key] = self.free.pop()
+        if self.demand is not None and len(keys) > 1:
+            list(self.demand.map(self._fill, keys))  # re-raises a failed read here
+        else:
+            for key in keys:
+                self._fill(key)
+        self.stats.demand_loads += len(keys)
 
     def _fill(self, key: int) -> None:
         layer, e = self.layers[key // self.n_experts], key % self.n_experts
@@ -170,4 +179,6 @@ class TieredExperts:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+        if self.demand is not None:
+            self.demand.shutdown(wait=True)
         self.reader.close()

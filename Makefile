@@ -23,4 +23,4 @@ lint: install
 	$(BIN)/ruff format --check moeflow tests bench
 
 demo: install
-	$(BIN)/moeflow generate --prompt "The capital of France is" --max-tokens 32
+	$(BIN)/moeflow generate --chat "What is the capital of France?" --temperature 0 --max-tokens 64

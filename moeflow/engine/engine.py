@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections import deque
 
 import numpy as np
 import torch
@@ -19,6 +18,7 @@ from .context import ForwardContext
 from .detokenize import Detokenizer
 from .kv_cache import KVCache
 from .sampling import SamplingParams, make_generator, sample
+from .scheduler import Scheduler
 from .sequence import Sequence
 
 
@@ -32,14 +32,16 @@ class Engine:
         max_model_len: int,
         max_num_seqs: int = 8,
         prefill_chunk: int = 512,
+        step_tokens: int | None = None,
     ):
+        """step_tokens: most tokens one forward step runs (default: prefill_chunk, or one more
+        than max_num_seqs if that is larger, so every decode runs each step)."""
         self.m, self.tokenizer, self.dtype, self.device = loaded, tokenizer, dtype, device
         self.args = loaded.args
         self.max_model_len, self.max_num_seqs, self.prefill_chunk = max_model_len, max_num_seqs, prefill_chunk
         self.rotary = Rotary(self.args.attention.rope, device)
         self.cache: KVCache | None = None
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.scheduler = Scheduler(step_tokens or max(prefill_chunk, max_num_seqs + 1), prefill_chunk)
         self._ids = itertools.count()
         self._params = count_params(self.args)
 
@@ -64,7 +66,7 @@ class Engine:
             experts_top_k=experts_top_k,
         )
         seq.stats.total_params, seq.stats.active_params = self._params.total, self._params.active
-        self.waiting.append(seq)
+        self.scheduler.add(seq)
         return seq
 
     def validate(self, prompt_ids: list[int], experts_top_k: int | None = None) -> None:
@@ -89,8 +91,16 @@ class Engine:
         eos = getattr(self.tokenizer, "eos_token_id", None)
         return {eos} if isinstance(eos, int) else set()
 
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
+
+    @property
+    def running(self):
+        return self.scheduler.running
+
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return self.scheduler.has_work()
 
     def reserve(self, n_slots: int, length: int) -> None:
         """Sizes the KV cache for the coming work; only reallocates while nothing is running."""
@@ -106,33 +116,20 @@ class Engine:
 
     def abort(self, seq: Sequence) -> None:
         """Drops a request and frees its KV slot at once (client gone, or the caller gave up)."""
-        if seq in self.waiting:
-            self.waiting.remove(seq)
-        if seq in self.running:
-            self.running.remove(seq)
-            self.cache.free(seq.slot)
-        seq.finish_reason = seq.finish_reason or "abort"
+        self.scheduler.abort(seq, self.cache)
 
-    def _admit(self) -> None:
-        if self.cache is None:
-            self.reserve(self.max_num_seqs, self.max_model_len)
-        while self.waiting and self.cache.free_slots:
-            need = len(self.waiting[0].prompt_ids) + 1
-            if need > self.cache.max_len:
-                if self.running:
-                    return  # the cache grows once the running sequences have finished
-                self.reserve(self.cache.n_slots, need + self.waiting[0].params.max_tokens)
-            seq = self.waiting.popleft()
-            seq.slot = self.cache.alloc()
-            self.running.append(seq)
+    def _grow(self, length: int):
+        self.reserve(self.cache.n_slots, length)
+        return self.cache
 
     def step(self) -> list[Sequence]:
         """Runs one forward step; returns the sequences that produced a token (finished ones included)."""
-        self._admit()
-        if not self.running:
+        if self.cache is None:
+            self.reserve(self.max_num_seqs, self.max_model_len)
+        work = self.scheduler.schedule(self.cache, self._grow)
+        if not work:
             return []
-        seqs = list(self.running)
-        rows = [self._next_input(s) for s in seqs]
+        seqs, rows = [s for s, _ in work], [r for _, r in work]
         batch = StepBatch.build(rows, [s.n_cached for s in seqs], [s.slot for s in seqs], self.device)
         shape = (len(seqs), self.args.n_layers, self.args.moe.n_experts)
         counts = torch.zeros(shape, dtype=torch.long, device=self.device)
@@ -159,11 +156,6 @@ class Engine:
             produced.append(s)
         return produced
 
-    def _next_input(self, s: Sequence) -> list[int]:
-        if s.n_cached < len(s.prompt_ids):
-            return s.prompt_ids[s.n_cached : s.n_cached + self.prefill_chunk]
-        return s.output_ids[-1:]
-
     def _append(self, s: Sequence, token: int) -> None:
         s.output_ids.append(token)
         if token in s.stop_ids:
@@ -177,8 +169,7 @@ class Engine:
         if s.finish_reason is None and s.n_cached + 1 >= self.cache.max_len:
             s.finish_reason = "length"
         if s.finish_reason is not None:
-            self.running.remove(s)
-            self.cache.free(s.slot)
+            self.scheduler.finish(s, self.cache)
 
     def _check_stop_strings(self, s: Sequence, before: int) -> None:
         if not s.params.stop:

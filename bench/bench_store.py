@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,9 +34,11 @@ sys.path.insert(0, str(BENCH))
 # ---------------------------------------------------------------- child: one configuration
 
 
-def vm_rss() -> int:
+def vm(field: str = "VmRSS") -> int:
+    """Bytes of /proc/self/status's field: VmRSS now, VmHWM the peak. (Not ru_maxrss: Linux
+    carries it across fork and exec, so a child would report its parent's peak.)"""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
 
@@ -48,7 +49,7 @@ def child(spec: dict) -> dict:
     from moeflow.engine.sampling import SamplingParams
     from moeflow.llm import LLM
 
-    base_rss = vm_rss()  # python + torch + moeflow imported, nothing loaded
+    base_rss = vm()  # python + torch + moeflow imported, nothing loaded
     t0 = time.perf_counter()
     llm = LLM(
         spec["model"],
@@ -94,7 +95,7 @@ def child(spec: dict) -> dict:
         "store": llm.expert_stats(),
         "dense_bytes": dense,
         "base_rss": base_rss,
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss": vm("VmHWM"),
         "threads": torch.get_num_threads(),
     }
     if routes:
@@ -255,7 +256,7 @@ def child_llama(spec: dict) -> dict:
     import torch
     from bench_engine import LlamaCppRunner
 
-    base_rss = vm_rss()
+    base_rss = vm()
     t0 = time.perf_counter()
     runner = LlamaCppRunner(Path(spec["gguf"]), "bf16", torch.get_num_threads(), mmap=True)
     load_s = time.perf_counter() - t0
@@ -270,7 +271,7 @@ def child_llama(spec: dict) -> dict:
         "tokens": t.tokens,
         "store": None,
         "base_rss": base_rss,
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss": vm("VmHWM"),
     }
 
 

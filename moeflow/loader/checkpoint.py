@@ -6,6 +6,7 @@ file named, not halfway through loading with an opaque error."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -46,6 +47,23 @@ def safetensors_header(path: Path) -> dict:
             f"{path.name} is truncated: header promises {8 + n + end} bytes, file has {size}"
         )
     return header
+
+
+_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "U8": torch.uint8,
+}
+
+
+def data_start(path: Path) -> int:
+    """Byte offset of a safetensors file's data: offsets in its header count from here."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+    return 8 + n
 
 
 class Checkpoint:
@@ -93,6 +111,23 @@ class Checkpoint:
     def file_of(self, name: str) -> Path:
         return self._where[name]
 
+    def read(self, name: str) -> torch.Tensor:
+        """A private copy of a tensor, read with pread rather than mapped: nothing of the file
+        stays mapped (a file truncated later cannot SIGBUS the process, and peak RSS holds one
+        copy of the weights, not the mapping's pages and the copy)."""
+        meta = self.header.get(name)
+        if meta is None or meta["dtype"] not in _DTYPES:
+            return self.get(name).clone()
+        f = self._where[name]
+        start, end = meta["data_offsets"]
+        out = torch.empty(meta["shape"], dtype=_DTYPES[meta["dtype"]])
+        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        with open(f, "rb", buffering=0) as fh:
+            got = os.preadv(fh.fileno(), [view], data_start(f) + start) if end > start else 0
+        if got != end - start:
+            raise CheckpointError(f"{f.name} ended early reading {name} (file truncated or replaced)")
+        return out
+
     def get(self, name: str) -> torch.Tensor:
         f = self._where.get(name)
         if f is None:
@@ -125,6 +160,8 @@ class MemoryCheckpoint:
         if name not in self.tensors:
             raise CheckpointError(f"tensor {name} is missing from the checkpoint")
         return self.tensors[name]
+
+    read = get  # already private memory
 
     def close(self) -> None:
         pass

@@ -83,11 +83,7 @@ def _dense_tensor(ckpt, canon, name, shape, args, dtype, device) -> torch.Tensor
         raise CheckpointError(f"tensor {name} is missing from the checkpoint")
     check_shape(src, ckpt.shape(src), shape)
     want = torch.float32 if name.endswith(_KEEP_FP32) else dtype
-    raw = ckpt.get(src)
-    out = raw.to(device=device, dtype=want)
-    if out.data_ptr() == raw.data_ptr():  # still the file's mmap: a file truncated later would
-        out = out.clone()  # kill the process (SIGBUS) instead of raising a clear error
-    return out
+    return ckpt.read(src).to(device=device, dtype=want)  # a private copy, not the file's mmap
 
 
 def _load_experts(ckpt, canon, args: ModelArgs, dtype, device, bar) -> ResidentExperts:

@@ -7,14 +7,13 @@ Per-expert layout: gate, up, down are three separate tensors. Fused layout: expe
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError, UnsupportedModelError
-from ..loader.checkpoint import Checkpoint
+from ..loader.checkpoint import Checkpoint, data_start
 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -38,12 +37,6 @@ class ExpertMap:
         return self.numel * self.dtype.itemsize
 
 
-def _data_start(path: Path) -> int:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-    return 8 + n
-
-
 def _meta(ckpt: Checkpoint, name: str) -> tuple[Path, int, torch.dtype]:
     meta = ckpt.header[name]
     if meta["dtype"] not in _DTYPES:
@@ -64,7 +57,7 @@ def expert_map(ckpt: Checkpoint, canon: dict, layers: list[int], E: int, I: int,
         f, off, dt = _meta(ckpt, name)
         dtypes.add(dt)
         if f not in starts:
-            starts[f] = _data_start(f)
+            starts[f] = data_start(f)
         return Extent(f, starts[f] + off + skip * dt.itemsize, numel * dt.itemsize, dst)
 
     for layer in layers:

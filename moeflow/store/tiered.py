@@ -45,9 +45,9 @@ class TieredExperts:
         self.slot_of = np.full(len(self.layers) * n_experts, -1, dtype=np.int64)
         self.free = list(range(n_slots - 1, -1, -1))
         self.reader = FileReader(sorted({x.file for runs in emap.extents.values() for x in runs}))
-        # prefetches on their own thread; demand misses on a pool of their own, so they never
-        # queue behind a prefetch and several reads keep the disk's queue full
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="moeflow-prefetch")
+        # prefetches and demand misses on pools of their own, so a demand read never queues
+        # behind a prefetch; several reads at once keep the disk's queue full
+        self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="moeflow-prefetch")
         self.demand = (
             ThreadPoolExecutor(io_threads, thread_name_prefix="moeflow-read") if io_threads > 1 else None
         )

@@ -34,6 +34,16 @@ sys.path.insert(0, str(BENCH))
 # ---------------------------------------------------------------- child: one configuration
 
 
+def drop_page_cache(files) -> None:
+    """Evicts the files' clean pages from the page cache, so a run reads them from disk."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def vm(field: str = "VmRSS") -> int:
     """Bytes of /proc/self/status's field: VmRSS now, VmHWM the peak. (Not ru_maxrss: Linux
     carries it across fork and exec, so a child would report its parent's peak.)"""
@@ -50,6 +60,7 @@ def child(spec: dict) -> dict:
     from moeflow.llm import LLM
 
     base_rss = vm()  # python + torch + moeflow imported, nothing loaded
+    drop_page_cache(Path(spec["model"]).glob("*.safetensors"))  # every configuration starts cold
     t0 = time.perf_counter()
     llm = LLM(
         spec["model"],
@@ -195,7 +206,7 @@ def simulate_policies(trace_path: Path, g: dict, shares: list[float]) -> list[di
     rows = []
     for share in shares:
         n = budget_bytes(share, g) // g["expert_bytes"]
-        for policy in ("lru", "lfu", "reuse", "pinned", "belady"):
+        for policy in ("lru", "lfu", "reuse", "cyclic", "pinned", "belady"):
             r = simulate(trace, SimConfig(CacheCapacity(total=n), policy=policy))
             rows.append({"share": share, "capacity": n, "policy": policy, "hit_rate": r.stats.hit_rate})
     return rows
@@ -213,7 +224,8 @@ def case_real(a) -> dict:
     lm, tok = open_model(model, progress=False)
     # held-out text for the prompt and the policy trace; calibration text fits pinned/cooccurrence
     eval_ids = encode(tok, read_text("builtin:evaluation"))
-    fit_trace, eval_trace = BENCH / "out" / "store-fit.npz", BENCH / "out" / "store-eval.npz"
+    fit_trace = BENCH / "out" / f"store-fit-{model.name}.npz"
+    eval_trace = BENCH / "out" / f"store-eval-{model.name}.npz"
     save(
         fit_trace,
         record(lm, encode(tok, read_text("builtin:calibration"))[:4096], window=512, progress=False),
@@ -228,12 +240,14 @@ def case_real(a) -> dict:
         base | {"name": "naive (top-k, no prefetch)", "budget": K * g["expert_bytes"], "prefetch": "none"},
     ]
     for share in (0.10, 0.25, 0.50):
-        specs.append(base | {"name": f"{share:.0%} lru lookahead", "budget": budget_bytes(share, g)})
+        b = budget_bytes(share, g)
+        specs.append(base | {"name": f"{share:.0%} lru none", "budget": b, "prefetch": "none"})
+        specs.append(base | {"name": f"{share:.0%} cyclic lookahead", "budget": b, "policy": "cyclic"})
     q = budget_bytes(0.25, g)
-    for policy in ("lfu", "reuse", "pinned"):
+    for policy in ("lru", "lfu", "reuse", "pinned"):
         specs.append(base | {"name": f"25% {policy} lookahead", "budget": q, "policy": policy})
     for pred in ("none", "frequency", "cooccurrence"):
-        specs.append(base | {"name": f"25% lru {pred}", "budget": q, "prefetch": pred})
+        specs.append(base | {"name": f"25% cyclic {pred}", "budget": q, "policy": "cyclic", "prefetch": pred})
     from moeflow.default_model import smollm2_gguf
 
     specs.append(base | {"name": "dense source (GGUF, fp32)", "model": str(smollm2_gguf())})
@@ -257,11 +271,14 @@ def child_llama(spec: dict) -> dict:
     from bench_engine import LlamaCppRunner
 
     base_rss = vm()
+    drop_page_cache([Path(spec["gguf"])])
     t0 = time.perf_counter()
     runner = LlamaCppRunner(Path(spec["gguf"]), "bf16", torch.get_num_threads(), mmap=True)
     load_s = time.perf_counter() - t0
-    t = runner.run(spec["prompt"], spec["tokens"])
+    t = runner.run(spec["prompt"], spec["tokens"])  # cold: experts fault in from disk as used
+    warm = runner.run(spec["prompt"], spec["tokens"])  # the same again, now from the page cache
     return {
+        "warm_decode_tps": warm.decode_tokens / warm.decode_s if warm.decode_s else 0.0,
         "name": spec["name"],
         "load_s": load_s,
         "prefill_tps": t.prompt_tokens / t.prefill_s if t.prefill_s else 0.0,
@@ -337,9 +354,10 @@ def case_scale(a) -> dict:
         base | {"name": "naive (top-k, no prefetch)", "budget": K * g["expert_bytes"], "prefetch": "none"},
     ]
     for share in (0.10, 0.25, 0.50):
-        specs.append(base | {"name": f"{share:.0%} lru lookahead", "budget": budget_bytes(share, g)})
+        b = budget_bytes(share, g)
+        specs.append(base | {"name": f"{share:.0%} cyclic lookahead", "budget": b, "policy": "cyclic"})
         specs.append(
-            base | {"name": f"{share:.0%} lru none", "budget": budget_bytes(share, g), "prefetch": "none"}
+            base | {"name": f"{share:.0%} cyclic none", "budget": b, "policy": "cyclic", "prefetch": "none"}
         )
     specs.append(base | {"name": "all in RAM", "record": False})
     if gguf.is_file():

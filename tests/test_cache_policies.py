@@ -175,3 +175,27 @@ def test_capacity_errors():
         make_policy("fifo", PolicyContext(1, 8, 1, CacheCapacity(per_layer=2)))
     with pytest.raises(ConfigError, match="simulator"):
         make_policy("belady", PolicyContext(1, 8, 1, CacheCapacity(per_layer=2)))
+
+
+def test_cyclic_does_not_thrash_where_lru_does():
+    """Layers run in a cycle; every token uses the same 2 experts per layer and the budget holds
+    one expert less than a token's: LRU evicts the least recent keys, those of the layers about
+    to run, and misses about half the time; cyclic a few per token."""
+    L, E, K = 6, 8, 2
+    experts = np.tile(np.array([0, 1], dtype=np.int16), (40, L, 1))  # [T, L, K]
+    cap = CacheCapacity(total=L * K - 1)
+    lru = replay(build("lru", experts, E, cap), experts).stats
+    cyclic = replay(build("cyclic", experts, E, cap), experts).stats
+    assert cyclic.misses <= L * K + 2 * 39  # the first token, then a miss or two per token
+    assert lru.misses > 2 * cyclic.misses
+
+
+def test_cyclic_prefers_the_layer_that_runs_next():
+    ctx = PolicyContext(4, 4, 1, CacheCapacity(total=4))
+    p = make_policy("cyclic", ctx)
+    keys = np.arange(16)
+    p.touch(keys, 0)  # every expert used once, at token 0
+    p.touch(np.array([1 * 4 + 1]), 1)  # now layer 1 runs (on its expert 1)
+    rank = p.priority(np.array([0, 4, 8, 12]))  # expert 0 of layers 0..3, equally popular
+    assert rank.argmax() == 2  # layer 2 runs next: keep it longest
+    assert rank.argmin() == 1  # layer 1 just ran: its next use is furthest

@@ -138,3 +138,37 @@ class Reuse:
 
     def priority(self, keys: np.ndarray) -> np.ndarray:
         return self.score[keys]
+
+
+class Cyclic(Reuse):
+    """Reuse's decayed counts, plus what a budget shared by all layers should know: layers run in
+    a fixed cycle. A layer's experts are next needed when the cycle comes back to that layer,
+    so an expert of the layer that just ran is needed last and one of the next layer soonest;
+    LRU ranks exactly the other way round and, with a budget below about one token's experts,
+    thrashes (each layer evicts the experts the next layers are about to use).
+
+    Estimated steps to a key's next use: the layers until its layer runs again, plus a whole
+    cycle for each token it is expected to skip, (1 / p - 1) cycles, p being its decayed use rate
+    per token (a key used by every token has p = 1). The cache evicts the largest estimate."""
+
+    name = "cyclic"
+
+    def __init__(self, n_layers: int, n_experts: int, half_life: float = 32.0):
+        super().__init__(n_layers * n_experts, half_life)
+        self.n_layers, self.n_experts = n_layers, n_experts
+        self.full = -np.log2(1 - 2 ** (-1 / half_life))  # log2 count of a key used every token
+        self.layer = 0  # the layer running now (the last one touched)
+        self.t = 0
+
+    def touch(self, keys: np.ndarray, t: int) -> None:
+        super().touch(keys, t)
+        if len(keys):
+            self.layer, self.t = int(keys[0]) // self.n_experts, t
+
+    def priority(self, keys: np.ndarray) -> np.ndarray:
+        L = self.n_layers
+        ahead = (keys // self.n_experts - self.layer - 1) % L  # layers until the key's layer runs
+        # log2 of the rate p: the decayed count at token t relative to an always-used key's
+        log_p = np.minimum(self.score[keys] - self.t / self.half_life - self.full, 0.0)
+        skipped = np.exp2(-np.maximum(log_p, -60.0)) - 1.0  # tokens expected between uses
+        return -(ahead + L * skipped)  # lowest goes first: the furthest next use

@@ -9,9 +9,9 @@ import numpy as np
 from ..errors import ConfigError
 from .belady import Belady
 from .capacity import CacheCapacity
-from .policies import LFU, LRU, Pinned, Policy, Reuse, hot_set
+from .policies import LFU, LRU, Cyclic, Pinned, Policy, Reuse, hot_set
 
-POLICIES = ("lru", "lfu", "pinned", "reuse", "belady")
+POLICIES = ("lru", "lfu", "pinned", "reuse", "cyclic", "belady")
 
 
 @dataclass
@@ -37,6 +37,8 @@ def make_policy(name: str, ctx: PolicyContext) -> Policy:
         return LFU(n_keys, ctx.lfu_halve_every)
     if name == "reuse":
         return Reuse(n_keys, ctx.half_life)
+    if name == "cyclic":
+        return Cyclic(ctx.n_layers, ctx.n_experts, ctx.half_life)
     if name == "pinned":
         if ctx.profile is None:
             raise ConfigError("policy pinned needs a usage profile (per-expert counts, e.g. from a trace)")

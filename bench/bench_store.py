@@ -411,9 +411,26 @@ def expert_geometry_light(model: Path) -> dict:
     }
 
 
+def case_dense(a) -> dict:
+    """Decode speed of the converted model against its dense source, both all in RAM (fp32)."""
+    from moeflow.corpus import read_text
+    from moeflow.default_model import default_model_path, smollm2_gguf
+    from moeflow.loader.open import open_model
+    from moeflow.tokenizer import encode
+
+    models = [Path(m) for m in a.models] if a.models else [default_model_path(progress=True)]
+    _, tok = open_model(models[0], progress=False)
+    prompt = encode(tok, read_text("builtin:evaluation"))[5000 : 5000 + a.prompt]
+    specs = [{"name": f"dense {smollm2_gguf().name}", "model": str(smollm2_gguf())}]
+    specs += [{"name": m.name, "model": str(m)} for m in models]
+    specs = [s | {"prompt": prompt, "tokens": a.tokens} for s in specs]
+    return {"case": "dense", "results": run_configs(specs, a.rounds)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("case", nargs="?", choices=["real", "scale"])
+    p.add_argument("case", nargs="?", choices=["real", "scale", "dense"])
+    p.add_argument("--models", nargs="*", help="dense case: converted models (default: the built-in one)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--model", default=None)
     p.add_argument("--tokens", type=int, default=48, help="tokens decoded per run")
@@ -425,7 +442,7 @@ def main() -> None:
         spec = json.loads(a.child)
         print(json.dumps(child_llama(spec) if spec.get("engine") == "llama.cpp" else child(spec)))
         return
-    result = case_real(a) if a.case == "real" else case_scale(a)
+    result = {"real": case_real, "scale": case_scale, "dense": case_dense}[a.case](a)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(result, indent=1))

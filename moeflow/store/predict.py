@@ -65,6 +65,9 @@ class History:
 
 def by_votes(ids: torch.Tensor, room: int) -> np.ndarray:
     """The experts most tokens picked, at most `room` of them (ties: the lower id)."""
+    if ids.shape[0] == 1:  # one token (decode): its experts are distinct already, best first
+        row = ids[0].numpy()
+        return row[row >= 0][:room]
     flat = ids.reshape(-1).numpy()
     experts, votes = np.unique(flat[flat >= 0], return_counts=True)
     return experts[np.argsort(-votes, kind="stable")[:room]]

@@ -33,7 +33,7 @@ def _fused(ckpt, canon, prefix, E, I, H) -> Iterator[Expert]:
         raise CheckpointError(f"tensor {prefix}.down_proj is missing from the checkpoint")
     check_shape(gu_name, ckpt.shape(gu_name), (E, 2 * I, H))
     check_shape(d_name, ckpt.shape(d_name), (E, H, I))
-    gate_up, down = ckpt.get(gu_name), ckpt.get(d_name)
+    gate_up, down = ckpt.read(gu_name), ckpt.read(d_name)  # copies, not the mmap: one copy at peak
     for e in range(E):
         yield e, gate_up[e, :I], gate_up[e, I:], down[e]
 
@@ -48,5 +48,5 @@ def _per_expert(ckpt, canon, prefix, E, I, H) -> Iterator[Expert]:
             if name is None:
                 raise CheckpointError(f"tensor {key} is missing from the checkpoint")
             check_shape(name, ckpt.shape(name), shape)
-            parts.append(ckpt.get(name))
+            parts.append(ckpt.read(name))
         yield (e, *parts)

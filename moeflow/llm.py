@@ -53,14 +53,14 @@ class LLM:
         threads: int | None = None,
         progress: bool = True,
         expert_memory: str | int | None = None,
-        expert_policy: str = "lru",
+        expert_policy: str = "cyclic",
         expert_scope: str = "global",
-        prefetch: str = "lookahead",
+        prefetch: str = "none",
         expert_trace: str | Path | None = None,
     ):
         """expert_memory: a budget ("2GiB", "25%", bytes) for experts in RAM; the rest are read from
-        the checkpoint files on demand (None: every expert resident). expert_policy: lru, lfu,
-        reuse or pinned; prefetch: lookahead, frequency, cooccurrence or none; expert_trace: a
+        the checkpoint files on demand (None: every expert resident). expert_policy: cyclic, lru,
+        lfu, reuse or pinned; prefetch: lookahead, frequency, cooccurrence or none; expert_trace: a
         routing trace of this model (`moeflow trace`) that pinned and cooccurrence learn from."""
         store = StoreConfig(
             expert_memory,

@@ -97,7 +97,7 @@ def assert_same(got, want):
 
 @pytest.mark.parametrize("scope", ["global", "layer"])
 @pytest.mark.parametrize("prefetch", ["none", "lookahead", "frequency", "cooccurrence"])
-@pytest.mark.parametrize("policy", ["lru", "lfu", "reuse", "pinned"])
+@pytest.mark.parametrize("policy", ["cyclic", "lru", "lfu", "reuse", "pinned"])
 def test_single_expert_budget_is_exact(top1_model, reference, traces, policy, prefetch, scope):
     """Top-1 routing, a budget of one expert per layer (or one in all): every step evicts."""
     n = 4 if scope == "layer" else 1  # 4 MoE layers

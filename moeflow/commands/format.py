@@ -27,15 +27,17 @@ def add_store_args(p) -> None:
         default=None,
         help="RAM budget for experts, e.g. 2GiB or 25%% (default: all resident)",
     )
-    p.add_argument("--expert-policy", default="lru", help="expert cache policy: lru, lfu, reuse, pinned")
+    p.add_argument(
+        "--expert-policy", default="cyclic", help="expert cache policy: cyclic, lru, lfu, reuse, pinned"
+    )
     p.add_argument(
         "--expert-scope", default="global", help="budget shared by all layers (global) or per layer"
     )
     p.add_argument(
         "--prefetch",
-        default="lookahead",
+        default="none",
         help="prefetch predictor: lookahead (next layer's router), frequency, cooccurrence (learned "
-        "from --expert-trace), none",
+        "from --expert-trace), none (default)",
     )
     p.add_argument(
         "--expert-trace",

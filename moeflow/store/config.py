@@ -12,9 +12,9 @@ from .predict import PREDICTORS
 @dataclass
 class StoreConfig:
     expert_memory: str | int | None = None  # None: all experts resident; "2GiB", "25%", bytes
-    policy: str = "lru"
+    policy: str = "cyclic"  # the best measured (BENCHMARKS.md); lru thrashes below a token's experts
     scope: str = "global"  # "global": layers share the budget; "layer": an equal share each
-    prefetch: str = "lookahead"
+    prefetch: str = "none"  # on 2 vCPUs prefetch reads cost the compute more than they hide
     io_threads: int = 4  # demand misses of one layer are read this many at a time
     trace: str | None = None  # a routing trace of this model: pinned's hot set, cooccurrence's fit
 

@@ -13,6 +13,10 @@ from .linear import linear
 # (bf16 decode of 16 rows: ~80 vs ~65 tok/s); fp32 experts stay on MKL, which measured faster
 GROUPED_MAX_ROWS = 16
 GROUPED = os.environ.get("MOEFLOW_GROUPED", "1") != "0"
+# fp32 experts take it too when small (gate+up under this many weights): per-expert call overhead
+# then dominates MKL (SmolLM2-MoE, 4 sequences: 45 vs 34 tok/s); large fp32 experts measured
+# faster on MKL
+GROUPED_FP32_MAX = 1 << 19
 
 # fetch(expert ids) -> [(w13 [2I, H], w2 [H, I])] in the same order; the store decides where they come from
 Fetch = Callable[[Sequence[int]], Sequence[tuple[torch.Tensor, torch.Tensor]]]
@@ -41,25 +45,33 @@ def run_experts(
     active, sizes = experts.tolist(), counts.tolist()
     step = at_once or len(active)
     ys = torch.empty_like(xs)
-    row = 0
+    row, native = 0, None
     for i in range(0, len(active), step):
         part = sizes[i : i + step]
         n = sum(part)
-        ys[row : row + n] = _grouped(xs[row : row + n], fetch(active[i : i + step]), part, x.dtype)
+        weights_of = fetch(active[i : i + step])
+        if native is None:  # one choice for the whole layer, so groups never change the numerics
+            native = _use_native(xs, weights_of[0][0], max(sizes))
+        ys[row : row + n] = _grouped(xs[row : row + n], weights_of, part, x.dtype, native)
         row += n
     ys *= weights.reshape(-1)[order, None].to(ys.dtype)
     return torch.zeros_like(x).index_add_(0, token_of, ys)
 
 
-def _grouped(xs: torch.Tensor, weights_of, sizes: list[int], dtype: torch.dtype) -> torch.Tensor:
-    """xs [sum(sizes), H]: rows grouped by expert, sizes[i] rows for weights_of[i]."""
-    w_dtype = weights_of[0][0].dtype
-    if (
+def _use_native(xs: torch.Tensor, w13: torch.Tensor, most_rows: int) -> bool:
+    return (
         GROUPED
-        and w_dtype != torch.float32
-        and max(sizes) < GROUPED_MAX_ROWS
-        and experts_usable(xs, weights_of[0][0])
-    ):
+        and (w13.dtype != torch.float32 or w13.numel() <= GROUPED_FP32_MAX)
+        and most_rows < GROUPED_MAX_ROWS
+        and experts_usable(xs, w13)
+    )
+
+
+def _grouped(
+    xs: torch.Tensor, weights_of, sizes: list[int], dtype: torch.dtype, native: bool
+) -> torch.Tensor:
+    """xs [sum(sizes), H]: rows grouped by expert, sizes[i] rows for weights_of[i]."""
+    if native:
         return native_moe_grouped(xs, weights_of, sizes).to(dtype)  # one call for the group
     ys = torch.empty_like(xs)
     start = 0

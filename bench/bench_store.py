@@ -3,10 +3,11 @@
 Every configuration runs in its own process (peak RSS is per process, and no run inherits
 another's page cache or allocator state); the parent probes disk bandwidth in the same run.
 
-    python bench/bench_store.py real  --out bench/out/store-real.json     # converted SmolLM2-MoE
+    python bench/bench_store.py real  --model bench/.cache/smollm2-moe-e32k8 --out bench/out/store-real-e32k8.json
     python bench/bench_store.py scale --model bench/.cache/qwen3-30b-shape --out bench/out/store-scale.json
+    python bench/bench_store.py dense --models CONVERTED... --rounds 3   # converted vs dense decode
 
-real:  the default model (real text, real routing). Budgets 10/25/50% of expert bytes against
+real:  a converted SmolLM2-MoE (default: the built-in one; real text, real routing). Budgets 10/25/50% of expert bytes against
        naive on-demand loading (a budget of one layer's top-k, no prefetch) and all in RAM; every
        policy and predictor at 25%; every policy against Belady in the simulator on a trace of
        held-out text.
@@ -358,8 +359,6 @@ def modelled_vs_measured(results: list[dict], g: dict, read_gbs: float) -> list[
 
 
 def case_scale(a) -> dict:
-    from moeflow.loader.checkpoint import Checkpoint
-
     model = Path(a.model)
     if not (model / "config.json").is_file():
         raise SystemExit(f"{model}: build it first (see BENCHMARKS.md for the make_checkpoint command)")
@@ -397,7 +396,6 @@ def case_scale(a) -> dict:
     check_exact([r for r in results if not r["name"].startswith("llama")])
     naive = results[0]["store"]
     read = naive["demand_bytes"] / naive["demand_read_s"] / 1e9
-    del Checkpoint
     return {
         "case": "scale",
         "model": str(model),

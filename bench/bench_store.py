@@ -3,14 +3,14 @@
 Every configuration runs in its own process (peak RSS is per process, and no run inherits
 another's page cache or allocator state); the parent probes disk bandwidth in the same run.
 
-    python bench/bench_store.py real  --model bench/.cache/smollm2-moe-e32k8 --out bench/out/store-real-e32k8.json
+    python bench/bench_store.py real  --model bench/.cache/smollm2-moe-e32k8 --out bench/out/real.json
     python bench/bench_store.py scale --model bench/.cache/qwen3-30b-shape --out bench/out/store-scale.json
     python bench/bench_store.py dense --models CONVERTED... --rounds 3   # converted vs dense decode
 
-real:  a converted SmolLM2-MoE (default: the built-in one; real text, real routing). Budgets 10/25/50% of expert bytes against
-       naive on-demand loading (a budget of one layer's top-k, no prefetch) and all in RAM; every
-       policy and predictor at 25%; every policy against Belady in the simulator on a trace of
-       held-out text.
+real:  a converted SmolLM2-MoE (default: the built-in one; real text, real routing). Budgets
+       10/25/50% of expert bytes against naive on-demand loading (a budget of one layer's top-k,
+       no prefetch) and all in RAM; every policy and predictor at 25%; every policy against
+       Belady in the simulator on a trace of held-out text.
 scale: a random-weight checkpoint with >= 8 GB of experts; the same budgets, plus llama.cpp on
        the same weights (GGUF, mmap), and the simulator's modelled time checked against the runs.
 """

@@ -130,10 +130,12 @@ class TieredExperts:
 
     def prefetch_room(self, ids: torch.Tensor) -> int:
         """How many experts to prefetch after a layer routed `ids` [T, K]: no more than that layer
-        used (a guess beyond it mostly evicts useful experts) and than fit beside the running layer's."""
+        used, plus the predictor's margin (a guess much beyond it mostly evicts useful experts), and
+        no more than fit beside the running layer's."""
         cap = self.cache.capacity
         room = cap.per_layer if cap.scope == "layer" else max(0, cap.total - len(self.in_use))
-        return min(room, int((ids >= 0).sum()))
+        margin = getattr(self.predictor, "margin", 0)
+        return min(room, int((ids >= 0).sum()) + margin * ids.shape[0])
 
     def on_route(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> None:
         """Called by the MoE block once layer `layer` is routed (x: its input, ids [T, K]); the

@@ -132,8 +132,14 @@ class LLM:
         if not batch:
             raise ConfigError("no prompts given")
         seqs = self._submit(batch, sampling_params or SamplingParams(), experts_top_k)
-        while any(s.finish_reason is None for s in seqs):
-            self.engine.step()
+        try:
+            while any(s.finish_reason is None for s in seqs):
+                self.engine.step()
+        except BaseException:  # a failed step (e.g. a file truncated under the expert store)
+            for s in seqs:  # leaves nothing of this batch in the engine
+                if s.finish_reason is None:
+                    self.engine.abort(s)
+            raise
         return [s.output() for s in seqs]
 
     def chat(self, messages, sampling_params: SamplingParams | None = None) -> list[RequestOutput]:

@@ -252,3 +252,28 @@ def test_expert_budget_serves_same_text_with_cache_metrics(chat_model, client):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_failing_engine_step_answers_500_and_the_server_lives(chat_model, tmp_path):
+    """A checkpoint truncated under a budgeted store: the request in flight gets a 500 with an
+    OpenAI-style body, /health still answers, and once the file is whole requests succeed."""
+    import shutil
+
+    path = tmp_path / "model"
+    shutil.copytree(chat_model, path)
+    proc, base = start(path, "--expert-memory", "25%")
+    try:
+        c = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+        want = greedy(c, "Return the number of items.", 8)
+        (weights,) = path.glob("*.safetensors")
+        whole = weights.read_bytes()
+        os.truncate(weights, len(whole) // 2)
+        with pytest.raises(openai.InternalServerError, match="ended early"):
+            greedy(c, "Something else entirely, to miss the cache.", 8)
+        assert httpx.get(f"{base}/health").status_code == 200
+        with open(weights, "r+b") as f:
+            f.write(whole)
+        assert greedy(c, "Return the number of items.", 8) == want
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -112,6 +112,17 @@ class ExpertCache:
         n = len(layers)
         return Access(_per_row(rows, ~absent, n), _per_row(rows, absent, n), np.zeros(n, int), new, evicted)
 
+    def drop(self, keys: np.ndarray) -> np.ndarray:
+        """Removes keys whose bytes did not arrive (a failed read); returns those that were in."""
+        keys = np.asarray(keys, dtype=np.int64)
+        keys = keys[self.resident[keys]]
+        if len(keys):
+            self.resident[keys] = False
+            self.pending[keys] = False
+            self.count -= np.bincount(keys // self.n_experts, minlength=self.n_layers)
+            self.policy.forget(keys)
+        return keys
+
     def _flat(self, layers: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Valid slots of [n, K] ids -> (row of each, flat key of each)."""
         layers = np.asarray(layers, dtype=np.int64)

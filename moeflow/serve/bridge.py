@@ -27,6 +27,7 @@ class Event:
     delta: str
     output: RequestOutput | None = None  # set on the last event
     error: str | None = None
+    status: int = 400  # of an error: 4xx the request's fault, 5xx the server's
 
 
 @dataclass
@@ -106,7 +107,10 @@ class EngineThread:
                 aborts, self._aborts = self._aborts, []
             self._admit(inbox)
             self._drop(aborts)
-            self._step()
+            try:
+                self._step()
+            except Exception as e:  # e.g. a checkpoint file truncated under the expert store:
+                self._fail_running(f"engine step failed: {e}")  # those requests fail, not the server
             if self.metrics is not None:
                 self.metrics.on_step(self)
 
@@ -124,6 +128,12 @@ class EngineThread:
                 self.engine.abort(h.seq)
                 self._live.pop(h.seq.request_id, None)
                 self.aborted += 1
+
+    def _fail_running(self, message: str) -> None:
+        for h in self._live.values():
+            self.engine.abort(h.seq)
+            h.push(Event(h.index, "", error=message, status=500))
+        self._live.clear()
 
     def _step(self) -> None:
         if not self.engine.has_work():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
 import torch
@@ -84,13 +84,17 @@ class TieredExperts:
         acc = self.cache.request(li, ids, self.step)
         self._release(acc.evicted)
         t0 = time.perf_counter()
-        self._read([int(k) for k in acc.loaded])  # demand misses: read now
-        self.stats.demand_read_s += time.perf_counter() - t0
         keys = [li * self.n_experts + e for e in ids]
-        for key in keys:  # prefetched ones still on their way
-            fut = self.inflight.pop(key, None)
-            if fut is not None:
-                fut.result()
+        try:
+            self._read([int(k) for k in acc.loaded])  # demand misses: read now
+            self.stats.demand_read_s += time.perf_counter() - t0
+            for key in keys:  # prefetched ones still on their way
+                fut = self.inflight.pop(key, None)
+                if fut is not None:
+                    fut.result()
+        except BaseException:
+            self._invalidate(keys)  # never leave a half-read slot marked resident
+            raise
         self.stats.stall_s += time.perf_counter() - t0
         self.in_use = np.asarray(keys, dtype=np.int64)
         routed = self._routed
@@ -149,15 +153,31 @@ class TieredExperts:
             key = int(key)
             fut = self.inflight.pop(key, None)
             if fut is not None and not fut.cancel():  # already writing into the slot: let it land
-                fut.result()
+                fut.exception()  # a failed read of a key that is leaving anyway is no error
             self.free.append(int(self.slot_of[key]))
             self.slot_of[key] = -1
+
+    def _invalidate(self, keys: list[int]) -> None:
+        """After a failed read: the keys leave the cache and their slots are free again, so a
+        later request reads them afresh instead of computing with partial bytes."""
+        for key in keys:
+            fut = self.inflight.pop(key, None)
+            if fut is not None and not fut.cancel():
+                fut.exception()
+        dropped = self.cache.drop(np.asarray(keys, dtype=np.int64))
+        for key in dropped.tolist():
+            if self.slot_of[key] >= 0:
+                self.free.append(int(self.slot_of[key]))
+                self.slot_of[key] = -1
 
     def _read(self, keys: list[int]) -> None:
         for key in keys:
             self.slot_of[key] = self.free.pop()
         if self.demand is not None and len(keys) > 1:
-            list(self.demand.map(self._fill, keys))  # re-raises a failed read here
+            futures = [self.demand.submit(self._fill, key) for key in keys]
+            wait(futures)  # all of them, even when one fails: none may still write into a slot
+            for fut in futures:
+                fut.result()  # re-raises a failed read here
         else:
             for key in keys:
                 self._fill(key)

@@ -86,6 +86,31 @@ def llama_cmd(a, port: int) -> list[str]:
     ]
 
 
+def llama_server_cmd(a, port: int) -> list[str]:
+    """llama.cpp's own server: continuous batching over 16 parallel slots of 512 tokens."""
+    return [
+        a.llama_server,
+        "--model",
+        a.gguf,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--threads",
+        "2",
+        "--threads-batch",
+        "2",
+        "--ctx-size",
+        str(16 * 512),
+        "--parallel",
+        "16",
+        "--load-mode",
+        "none",  # resident weights, not mapped (this build's spelling of --no-mmap)
+        "--alias",
+        "bench",
+    ]
+
+
 async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> dict:
     body = {
         "model": "bench",
@@ -207,12 +232,19 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--servers", default="moeflow,llama.cpp")
+    ap.add_argument("--servers", default="moeflow,llama.cpp", help="moeflow, llama.cpp, llama-server")
+    ap.add_argument(
+        "--llama-server",
+        default=None,
+        help="llama-server binary (built from the llama.cpp sources vendored in llama-cpp-python)",
+    )
     a = ap.parse_args()
     a.clients = [int(c) for c in a.clients.split(",")]
     rows = run_server("moeflow", moeflow_cmd, a) if "moeflow" in a.servers else []
     if a.gguf and "llama.cpp" in a.servers:
         rows += run_server("llama.cpp", llama_cmd, a)
+    if a.gguf and a.llama_server and "llama-server" in a.servers:
+        rows += run_server("llama-server", llama_server_cmd, a)
     print("\n" + markdown(rows))
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "rows": rows}, indent=1))

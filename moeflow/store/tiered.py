@@ -3,7 +3,7 @@
 The model asks `fetch(layer, ids)` exactly as it asks the resident store. Misses are read on
 demand into a free slot (one contiguous buffer per expert, preallocated once); an ExpertCache
 with a pluggable policy decides membership. After each layer is routed, `on_route` lets a
-predictor name the next MoE layer's likely experts and a background thread reads them while the
+predictor name the next MoE layer's likely experts and background threads read them while the
 current layer computes. Prediction only changes *when* bytes arrive, never which weights a layer
 uses: fetch always waits for the exact experts asked for."""
 

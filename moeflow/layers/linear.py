@@ -3,8 +3,8 @@
 For fp32 weights MKL is used throughout: its GEMV streams at memory bandwidth, and end to end
 its multi-row GEMM beat the native kernel on a 32-token prefill (127 vs 152 ms, BENCHMARKS.md)
 although the native one wins isolated 4-row calls. For 16-bit weights the native kernel is
-1.2-2x faster below 16 rows (bf16 prefill 147 vs 174-217 ms); from 16 rows on, fp32 GEMM on
-weights upcast per block is the better path."""
+1.2-2x faster below 16 rows (bf16 prefill 147 vs 174-217 ms), and in passes of 15 rows it stays
+faster up to ~100 rows; beyond, fp32 GEMM on weights upcast per block is the better path."""
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +12,12 @@ from torch import nn
 
 from ..kernels import native_linear, usable
 
-NATIVE_MAX_ROWS = 15  # at 16+ rows MKL's fp32 GEMM is faster
+NATIVE_MAX_ROWS = 15  # rows of one native call
 UPCAST_MIN_ROWS = 16  # bf16 GEMM at many rows is several times slower than fp32 on these CPUs
+# 16-bit weights up to this many rows: native passes of 15 rows each beat upcasting the weight to
+# fp32 for MKL, whose conversion alone costs several weight reads (bf16 [32000, 2048] at 16 rows:
+# 31 vs 166 ms; 64 rows: 101 vs 178 ms; even at 128 rows) — a 16-sequence decode step's case
+NATIVE_CHUNKED_MAX_ROWS = 96
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -22,6 +26,15 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     if x.device.type == "cpu" and M > 0:
         if w.dtype != torch.float32 and usable(x, w, NATIVE_MAX_ROWS):
             y = native_linear(x, w)
+            return (y if b is None else y + b.float()).to(x.dtype)
+        if (
+            w.dtype != torch.float32
+            and M <= NATIVE_CHUNKED_MAX_ROWS
+            and usable(x[:NATIVE_MAX_ROWS], w, NATIVE_MAX_ROWS)
+        ):
+            y = torch.cat(
+                [native_linear(x[i : i + NATIVE_MAX_ROWS], w) for i in range(0, M, NATIVE_MAX_ROWS)]
+            )
             return (y if b is None else y + b.float()).to(x.dtype)
         if w.dtype != torch.float32 and M >= UPCAST_MIN_ROWS:
             y = F.linear(x.float(), w.float(), None if b is None else b.float())

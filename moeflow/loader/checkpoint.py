@@ -49,7 +49,7 @@ def safetensors_header(path: Path) -> dict:
     return header
 
 
-_DTYPES = {
+TENSOR_DTYPES = {  # safetensors dtype names -> torch
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
@@ -59,7 +59,7 @@ _DTYPES = {
 }
 
 
-def data_start(path: Path) -> int:
+def _data_start(path: Path) -> int:
     """Byte offset of a safetensors file's data: offsets in its header count from here."""
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
@@ -82,6 +82,7 @@ class Checkpoint:
                 if name != "__metadata__":
                     self._where[name] = f
                     self.header[name] = meta
+        self._starts = {f: _data_start(f) for f in self.files}
         self._handles: dict[Path, object] = {}
 
     def _shard_files(self) -> list[Path]:
@@ -111,19 +112,23 @@ class Checkpoint:
     def file_of(self, name: str) -> Path:
         return self._where[name]
 
+    def offset(self, name: str) -> int:
+        """Byte offset of tensor `name`'s data in its file."""
+        return self._starts[self._where[name]] + self.header[name]["data_offsets"][0]
+
     def read(self, name: str) -> torch.Tensor:
         """A private copy of a tensor, read with pread rather than mapped: nothing of the file
         stays mapped (a file truncated later cannot SIGBUS the process, and peak RSS holds one
         copy of the weights, not the mapping's pages and the copy)."""
         meta = self.header.get(name)
-        if meta is None or meta["dtype"] not in _DTYPES:
+        if meta is None or meta["dtype"] not in TENSOR_DTYPES:
             return self.get(name).clone()
         f = self._where[name]
         start, end = meta["data_offsets"]
-        out = torch.empty(meta["shape"], dtype=_DTYPES[meta["dtype"]])
+        out = torch.empty(meta["shape"], dtype=TENSOR_DTYPES[meta["dtype"]])
         view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
         with open(f, "rb", buffering=0) as fh:
-            got = os.preadv(fh.fileno(), [view], data_start(f) + start) if end > start else 0
+            got = os.preadv(fh.fileno(), [view], self.offset(name)) if end > start else 0
         if got != end - start:
             raise CheckpointError(f"{f.name} ended early reading {name} (file truncated or replaced)")
         return out

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, UnsupportedModelError
-from ..loader.checkpoint import Checkpoint, data_start
+from ..loader.checkpoint import TENSOR_DTYPES, Checkpoint
 
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_FLOATS = ("F32", "BF16", "F16")  # what an expert slot can hold
 
 
 @dataclass(frozen=True)
@@ -37,28 +37,22 @@ class ExpertMap:
         return self.numel * self.dtype.itemsize
 
 
-def _meta(ckpt: Checkpoint, name: str) -> tuple[Path, int, torch.dtype]:
-    meta = ckpt.header[name]
-    if meta["dtype"] not in _DTYPES:
-        raise UnsupportedModelError(
-            f"tensor {name} has dtype {meta['dtype']}; tiered experts read F32/BF16/F16"
-        )
-    f = ckpt.file_of(name)
-    return f, meta["data_offsets"][0], _DTYPES[meta["dtype"]]
+def _dtype(ckpt: Checkpoint, name: str) -> torch.dtype:
+    kind = ckpt.header[name]["dtype"]
+    if kind not in _FLOATS:
+        raise UnsupportedModelError(f"tensor {name} has dtype {kind}; tiered experts read F32/BF16/F16")
+    return TENSOR_DTYPES[kind]
 
 
 def expert_map(ckpt: Checkpoint, canon: dict, layers: list[int], E: int, I: int, H: int) -> ExpertMap:
     if not isinstance(ckpt, Checkpoint):
         raise CheckpointError("an expert memory budget needs a safetensors checkpoint folder on disk")
-    starts: dict[Path, int] = {}
     out, dtypes = {}, set()
 
     def run(name: str, skip: int, numel: int, dst: int) -> Extent:
-        f, off, dt = _meta(ckpt, name)
+        dt = _dtype(ckpt, name)
         dtypes.add(dt)
-        if f not in starts:
-            starts[f] = data_start(f)
-        return Extent(f, starts[f] + off + skip * dt.itemsize, numel * dt.itemsize, dst)
+        return Extent(ckpt.file_of(name), ckpt.offset(name) + skip * dt.itemsize, numel * dt.itemsize, dst)
 
     for layer in layers:
         p = f"model.layers.{layer}.mlp.experts"

@@ -99,16 +99,15 @@ class TieredExperts:
         self.in_use = np.asarray(keys, dtype=np.int64)
         routed = self._routed
         if routed is not None and routed[0] == layer:
-            routed[3].difference_update(ids)
-            if not routed[3]:  # this layer's last group is read: start the next layer's reads
+            routed[4].difference_update(ids)
+            if not routed[4]:  # this layer's last group is read: start the next layer's reads
                 self._routed = None
-                self._predict(li, routed[1], routed[2])
+                self._predict(li, *routed[1:4])
         return [self._views(k) for k in keys]
 
-    def _predict(self, li: int, x: torch.Tensor, ids: torch.Tensor) -> None:
+    def _predict(self, li: int, x: torch.Tensor, ids: torch.Tensor, used: frozenset[int]) -> None:
         guess = self._guess.pop(li, None)
         if guess is not None:  # score the guess made for this layer
-            used = set(ids[ids >= 0].unique().tolist())
             s = self.stats
             s.predicted, s.used, s.predicted_used = (
                 s.predicted + len(guess),
@@ -146,7 +145,8 @@ class TieredExperts:
         predictor runs after this layer's own misses are read, so it never delays them."""
         if self.index[layer] == 0:
             self.step += 1
-        self._routed = (layer, x, ids, set(ids[ids >= 0].unique().tolist()))
+        used = frozenset(ids[ids >= 0].unique().tolist())
+        self._routed = (layer, x, ids, used, set(used))  # the last set: experts not fetched yet
 
     def _release(self, evicted: np.ndarray) -> None:
         for key in evicted:
@@ -160,15 +160,7 @@ class TieredExperts:
     def _invalidate(self, keys: list[int]) -> None:
         """After a failed read: the keys leave the cache and their slots are free again, so a
         later request reads them afresh instead of computing with partial bytes."""
-        for key in keys:
-            fut = self.inflight.pop(key, None)
-            if fut is not None and not fut.cancel():
-                fut.exception()
-        dropped = self.cache.drop(np.asarray(keys, dtype=np.int64))
-        for key in dropped.tolist():
-            if self.slot_of[key] >= 0:
-                self.free.append(int(self.slot_of[key]))
-                self.slot_of[key] = -1
+        self._release(self.cache.drop(np.asarray(keys, dtype=np.int64)))  # (resident keys have slots)
 
     def _read(self, keys: list[int]) -> None:
         for key in keys:

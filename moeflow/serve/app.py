@@ -133,8 +133,7 @@ def create_app(server: Server) -> FastAPI:
         while len(done) < len(handles):
             ev = await handles[0].queue.get()
             if ev.error:
-                kind = "server_error" if ev.status >= 500 else "invalid_request_error"
-                raise RequestError(ev.error, status=ev.status, kind=kind)
+                raise RequestError(ev.error, status=ev.status, kind=ev.kind)
             texts[ev.index].append(ev.delta)
             if ev.output is not None:
                 ev.delta = "".join(texts[ev.index])
@@ -150,9 +149,7 @@ def create_app(server: Server) -> FastAPI:
             while pending:
                 ev = await handles[0].queue.get()
                 if ev.error:
-                    yield sse(
-                        error_body(ev.error, "server_error" if ev.status >= 500 else "invalid_request_error")
-                    )
+                    yield sse(error_body(ev.error, ev.kind))
                     pending.pop(ev.index)
                     continue
                 finish = ev.output.finish_reason if ev.output else None

@@ -29,6 +29,11 @@ class Event:
     error: str | None = None
     status: int = 400  # of an error: 4xx the request's fault, 5xx the server's
 
+    @property
+    def kind(self) -> str:
+        """The OpenAI error type of an error event."""
+        return "server_error" if self.status >= 500 else "invalid_request_error"
+
 
 @dataclass
 class Handle:

@@ -149,16 +149,6 @@ def disk_probe(model: Path) -> dict:
     }
 
 
-def expert_geometry(model: Path) -> dict:
-    from moeflow.eval.trace import trace_meta
-    from moeflow.loader.load import load
-
-    lm = load(model, progress=False)
-    meta = trace_meta(lm, lm.args.moe.top_k)
-    meta["n_moe_layers"] = len(lm.args.moe_layers)
-    return meta
-
-
 def budget_bytes(share: float, g: dict) -> int:
     return int(share * g["n_moe_layers"] * g["n_experts"] * g["expert_bytes"])
 
@@ -362,7 +352,7 @@ def case_scale(a) -> dict:
     model = Path(a.model)
     if not (model / "config.json").is_file():
         raise SystemExit(f"{model}: build it first (see BENCHMARKS.md for the make_checkpoint command)")
-    g = expert_geometry_light(model)
+    g = expert_geometry(model)
     gguf = model / "gguf" / "model-bf16.gguf"
     rng = np.random.default_rng(0)
     prompt = rng.integers(100, g["vocab"] - 100, a.prompt).tolist()
@@ -407,16 +397,16 @@ def case_scale(a) -> dict:
     }
 
 
-def expert_geometry_light(model: Path) -> dict:
-    """The trace meta of a big checkpoint without loading its weights (config and headers only)."""
-    from moeflow.loader.checkpoint import Checkpoint
+def expert_geometry(model: Path) -> dict:
+    """A checkpoint's trace meta without loading its weights (config and headers only)."""
+    from moeflow.loader.checkpoint import TENSOR_DTYPES, Checkpoint
     from moeflow.models.registry import parse_args
 
     ckpt = Checkpoint(model)
     args, _ = parse_args(ckpt.config)
     m = args.moe
     name = next(k for k in ckpt.keys() if ".experts." in k)
-    itemsize = {"BF16": 2, "F16": 2, "F32": 4}[ckpt.header[name]["dtype"]]
+    dtype = TENSOR_DTYPES[ckpt.header[name]["dtype"]]
     return {
         "model": str(model),
         "model_type": args.model_type,
@@ -426,8 +416,8 @@ def expert_geometry_light(model: Path) -> dict:
         "top_k": m.top_k,
         "hidden": args.hidden,
         "expert_intermediate": m.intermediate,
-        "expert_bytes": 3 * args.hidden * m.intermediate * itemsize,
-        "dtype": ckpt.header[name]["dtype"].lower(),
+        "expert_bytes": 3 * args.hidden * m.intermediate * dtype.itemsize,
+        "dtype": str(dtype).removeprefix("torch."),
         "vocab": args.vocab_size,
     }
 

@@ -14,7 +14,7 @@ from .linear import linear
 GROUPED_MAX_ROWS = 16
 GROUPED = os.environ.get("MOEFLOW_GROUPED", "1") != "0"
 # fp32 experts take it too when small (gate+up under this many weights): per-expert call overhead
-# then dominates MKL (SmolLM2-MoE, 4 sequences: 45 vs 34 tok/s); large fp32 experts measured
+# then dominates MKL (SmolLM2-MoE, 4 sequences: 45 vs 34 tok/s, ad-hoc timing); large fp32 experts measured
 # faster on MKL
 GROUPED_FP32_MAX = 1 << 19
 

@@ -16,7 +16,8 @@ NATIVE_MAX_ROWS = 15  # rows of one native call
 UPCAST_MIN_ROWS = 16  # bf16 GEMM at many rows is several times slower than fp32 on these CPUs
 # 16-bit weights up to this many rows: native passes of 15 rows each beat upcasting the weight to
 # fp32 for MKL, whose conversion alone costs several weight reads (bf16 [32000, 2048] at 16 rows:
-# 31 vs 166 ms; 64 rows: 101 vs 178 ms; even at 128 rows) — a 16-sequence decode step's case
+# 28 vs 147 ms; 64 rows: 99 vs 157 ms; even at 128; bench/bench_kernels.py) — a 16-sequence
+# decode step's case
 NATIVE_CHUNKED_MAX_ROWS = 96
 
 

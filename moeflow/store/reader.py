@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from .extents import Extent
+from .extents import Run
 
 DROP_CACHE = os.environ.get("MOEFLOW_KEEP_PAGE_CACHE", "0") != "1" and hasattr(os, "posix_fadvise")
 
@@ -40,14 +40,14 @@ class FileReader:
     def _fd(self, path: Path) -> int:
         return self._fds[path]
 
-    def read_into(self, extents: list[Extent], out: torch.Tensor) -> None:
-        """Fills the flat CPU tensor `out` (disk dtype) from the expert's extents."""
-        raw = out.view(torch.uint8).numpy()
+    def read_into(self, runs: list[Run], out: torch.Tensor) -> None:
+        """Fills the flat CPU tensor `out` (disk dtype) from the expert's runs."""
+        raw = memoryview(out.view(torch.uint8).numpy())
         itemsize = out.element_size()
-        for x in extents:
+        for x in runs:
             fd = self._fd(x.file)
-            view = memoryview(raw)[x.dst * itemsize : x.dst * itemsize + x.nbytes]
-            got = os.preadv(fd, [view], x.offset)
+            views = [raw[dst * itemsize : dst * itemsize + n] for dst, n in x.pieces]
+            got = os.preadv(fd, views, x.offset)
             if got != x.nbytes:
                 raise CheckpointError(
                     f"{x.file.name} ended early: read {got} of {x.nbytes} bytes at offset {x.offset} "

@@ -3,8 +3,8 @@ reads straight into its cache slot [gate | up | down], with no safetensors parsi
 
 Tensors that lie back to back in a file (safetensors writes an expert's down, gate and up next to
 each other) are read by one scatter read (`preadv` with one buffer per tensor): one request to
-the disk per expert instead of three small ones: 1.3-2x the cold read rate for 331 KB experts
-read 8 at a time on this machine (bench/bench_reads.py).
+the disk per expert instead of three small ones: ~1.4x the cold read rate for 331 KB experts
+read 8 at a time on this machine, at less CPU per expert (bench/bench_reads.py).
 
 Per-expert layout: gate, up, down are three separate tensors. Fused layout: expert e of
 `gate_up_proj [E, 2I, H]` is one contiguous run (gate then up, the slot's own order) and of

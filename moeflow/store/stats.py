@@ -27,6 +27,7 @@ class StoreStats:
             "prefetch_hits": c.prefetch_hits,
             "wasted_prefetches": c.wasted_prefetches,
             "bytes_read": store.reader.bytes_read,
+            "read_mode": store.reader.mode,
             "demand_bytes": self.demand_loads * store.map.nbytes,
             "demand_read_s": self.demand_read_s,
             "stall_s": self.stall_s,

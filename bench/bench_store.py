@@ -166,8 +166,11 @@ def summarise(r: dict) -> str:
     return f"{r['name']:<28} {r['decode_tps']:7.2f} tok/s  rss {r['peak_rss'] / 2**20:6.0f} MiB{extra}"
 
 
-def run_configs(specs: list[dict], rounds: int) -> list[dict]:
-    """Each configuration `rounds` times, interleaved; keeps the median-speed result of each."""
+def run_configs(specs: list[dict], rounds: int, only: list[str] | None = None) -> list[dict]:
+    """Each configuration `rounds` times, interleaved; keeps the median-speed result of each.
+    `only`: run just the configurations whose names start with one of these."""
+    if only:
+        specs = [s for s in specs if any(s["name"].startswith(o) for o in only)]
     got: dict[str, list[dict]] = {s["name"]: [] for s in specs}
     for _ in range(rounds):
         for spec in specs:
@@ -238,6 +241,11 @@ def case_real(a) -> dict:
     for share in (0.10, 0.25, 0.50):
         b = budget_bytes(share, g)
         specs.append(base | {"name": f"{share:.0%} lru none", "budget": b, "prefetch": "none"})
+        if share != 0.25:  # (25% cyclic none is among the predictors below)
+            specs.append(
+                base
+                | {"name": f"{share:.0%} cyclic none", "budget": b, "policy": "cyclic", "prefetch": "none"}
+            )
         specs.append(base | {"name": f"{share:.0%} cyclic lookahead", "budget": b, "policy": "cyclic"})
     q = budget_bytes(0.25, g)
     for policy in ("lru", "lfu", "reuse", "pinned"):
@@ -248,7 +256,7 @@ def case_real(a) -> dict:
 
     specs.append(base | {"name": "dense source (GGUF, fp32)", "model": str(smollm2_gguf())})
     disk_before = disk_probe(model)
-    results = run_configs(specs, a.rounds)
+    results = run_configs(specs, a.rounds, a.only)
     disk_after = disk_probe(model)
     check_exact([r for r in results if not r["name"].startswith("dense")])
     return {
@@ -376,7 +384,7 @@ def case_scale(a) -> dict:
         )
     specs.append(base | {"name": "all in RAM", "record": False})
     disk_before = disk_probe(model)
-    results = run_configs(specs, a.rounds)
+    results = run_configs(specs, a.rounds, a.only)
     if gguf.is_file():  # llama.cpp on the same weights, fed the tokens moeflow generated
         ram = next(r for r in results if r["name"] == "all in RAM")
         spec = {"name": "llama.cpp bf16 (mmap)", "engine": "llama.cpp", "gguf": str(gguf), "prompt": prompt}
@@ -435,7 +443,7 @@ def case_dense(a) -> dict:
     specs = [{"name": f"dense {smollm2_gguf().name}", "model": str(smollm2_gguf())}]
     specs += [{"name": m.name, "model": str(m)} for m in models]
     specs = [s | {"prompt": prompt, "tokens": a.tokens} for s in specs]
-    return {"case": "dense", "results": run_configs(specs, a.rounds)}
+    return {"case": "dense", "results": run_configs(specs, a.rounds, a.only)}
 
 
 def main() -> None:
@@ -447,6 +455,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=48, help="tokens decoded per run")
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--only", nargs="*", help="run only configurations whose names start with these")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if a.child:

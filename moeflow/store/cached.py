@@ -1,0 +1,185 @@
+"""What every budgeted expert store shares, whatever its tiers: slots, membership, prediction.
+
+A store keeps a fixed set of slots (one contiguous buffer per expert, preallocated once) in its
+fast tier, an ExpertCache with a pluggable policy that decides which (layer, expert) keys hold
+them, and an optional predictor that names the next MoE layer's likely experts once a layer is
+routed. Subclasses say how bytes reach a slot from the slow tier: `_load` (demand misses, the
+layer waits), `_start` (a prefetch, nobody waits) and `_arrive` (a key about to be used must
+have landed). Prediction only changes *when* bytes arrive, never which weights a layer uses:
+`fetch` always returns the exact experts asked for."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ..cache.capacity import CacheCapacity
+from ..cache.state import ExpertCache
+from .stats import StoreStats
+
+
+class CachedExperts:
+    def __init__(
+        self,
+        moe_layers: list[int],
+        n_experts: int,
+        inter: int,
+        hidden: int,
+        dtype: torch.dtype,
+        capacity: CacheCapacity,
+        policy,
+        numel: int,
+        device="cpu",
+        pin: bool = False,
+    ):
+        self.layers, self.n_experts = list(moe_layers), n_experts
+        self.inter, self.hidden, self.dtype = inter, hidden, dtype
+        self.index = {layer: i for i, layer in enumerate(self.layers)}
+        self.cache = ExpertCache(len(self.layers), n_experts, capacity, policy)
+        n_slots = capacity.size * (len(self.layers) if capacity.scope == "layer" else 1)
+        # the whole budget, allocated once
+        self.slots = torch.empty(n_slots, numel, dtype=dtype, device=device, pin_memory=pin)
+        I, H = inter, hidden  # each slot's [gate | up] and down views, made once (views cost ~10 µs)
+        self.slot_views = [(b[: 2 * I * H].view(2 * I, H), b[2 * I * H :].view(H, I)) for b in self.slots]
+        self.slot_of = np.full(len(self.layers) * n_experts, -1, dtype=np.int64)
+        self.free = list(range(n_slots - 1, -1, -1))
+        self.in_use = np.zeros(0, dtype=np.int64)
+        self.step = 0
+        self.stats = StoreStats()
+        self.predictor = None  # an EnginePredictor (store.predict): names the next layer's experts
+        self._routed = None
+        self._guess: dict[int, set[int]] = {}  # layer index -> experts predicted for its next use
+
+    # ---- what a subclass provides
+
+    def _load(self, keys: list[int]) -> None:
+        """Fills the (already assigned) slots of demand-missed keys; returns once they are usable."""
+        raise NotImplementedError
+
+    def _start(self, key: int) -> None:
+        """Starts filling the (already assigned) slot of a prefetched key; must not wait."""
+        raise NotImplementedError
+
+    def _arrive(self, key: int) -> None:
+        """Key is about to be used: waits for its prefetch, if one is still under way."""
+
+    def _cancel(self, key: int) -> None:
+        """Key leaves the cache: its slot is about to be reused, so nothing may still write it."""
+
+    # ---- the store interface the model uses
+
+    @property
+    def expert_nbytes(self) -> int:
+        return self.slots.shape[1] * self.slots.element_size()
+
+    @property
+    def load_nbytes(self) -> int:
+        """Bytes one expert load moves from the slow tier."""
+        return self.expert_nbytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.slots.numel() * self.slots.element_size()
+
+    @property
+    def at_once(self) -> int:
+        """Most experts one fetch may ask for: a batch using more runs them in groups."""
+        return self.cache.capacity.size
+
+    def _views(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.slot_views[self.slot_of[key]]
+
+    def fetch(self, layer: int, ids) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        li = self.index[layer]
+        ids = [int(e) for e in ids]
+        acc = self.cache.request(li, ids, self.step)
+        self._release(acc.evicted)
+        t0 = time.perf_counter()
+        keys = [li * self.n_experts + e for e in ids]
+        try:
+            loaded = [int(k) for k in acc.loaded]
+            for key in loaded:
+                self.slot_of[key] = self.free.pop()
+            self._load(loaded)  # demand misses: read now
+            self.stats.demand_loads += len(loaded)
+            self.stats.demand_read_s += time.perf_counter() - t0
+            for key in keys:  # prefetched ones still on their way
+                self._arrive(key)
+        except BaseException:
+            self._invalidate(keys)  # never leave a half-filled slot marked resident
+            raise
+        self.stats.stall_s += time.perf_counter() - t0
+        self.in_use = np.asarray(keys, dtype=np.int64)
+        routed = self._routed
+        if routed is not None and routed[0] == layer:
+            routed[4].difference_update(ids)
+            if not routed[4]:  # this layer's last group is in: start the next layer's reads
+                self._routed = None
+                self._predict(li, *routed[1:4])
+        return self._weights(keys)
+
+    def _weights(self, keys: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [self._views(k) for k in keys]
+
+    def _predict(self, li: int, x: torch.Tensor, ids: torch.Tensor, used: frozenset[int]) -> None:
+        guess = self._guess.pop(li, None)
+        if guess is not None:  # score the guess made for this layer
+            s = self.stats
+            s.predicted, s.used, s.predicted_used = (
+                s.predicted + len(guess),
+                s.used + len(used),
+                s.predicted_used + len(guess & used),
+            )
+        nxt = self.predictor.next_experts(li, x, ids, self.prefetch_room(ids)) if self.predictor else None
+        if nxt is not None:
+            nli, chosen = nxt
+            self.prefetch(self.layers[nli], chosen)
+            self._guess[nli] = {int(e) for e in chosen}
+
+    def prefetch(self, layer: int, ids) -> None:
+        """Starts bringing in experts `ids` of `layer`; never evicts the running layer's."""
+        if not len(ids):
+            return
+        acc = self.cache.prefetch(self.index[layer], np.asarray(ids), self.step, protect=self.in_use)
+        self._release(acc.evicted)
+        for key in acc.loaded:
+            key = int(key)
+            self.slot_of[key] = self.free.pop()
+            self._start(key)
+
+    def prefetch_room(self, ids: torch.Tensor) -> int:
+        """How many experts to prefetch after a layer routed `ids` [T, K]: no more than that layer
+        used, plus the predictor's margin (a guess much beyond it mostly evicts useful experts), and
+        no more than fit beside the running layer's."""
+        cap = self.cache.capacity
+        room = cap.per_layer if cap.scope == "layer" else max(0, cap.total - len(self.in_use))
+        margin = getattr(self.predictor, "margin", 0)
+        return min(room, int((ids >= 0).sum()) + margin * ids.shape[0])
+
+    def on_route(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> None:
+        """Called by the MoE block once layer `layer` is routed (x: its input, ids [T, K]); the
+        predictor runs after this layer's own misses are in, so it never delays them."""
+        if self.index[layer] == 0:
+            self.step += 1
+        used = frozenset(ids[ids >= 0].unique().tolist())
+        self._routed = (layer, x, ids, used, set(used))  # the last set: experts not fetched yet
+
+    def _release(self, evicted: np.ndarray) -> None:
+        for key in evicted:
+            key = int(key)
+            self._cancel(key)
+            self.free.append(int(self.slot_of[key]))
+            self.slot_of[key] = -1
+
+    def _invalidate(self, keys: list[int]) -> None:
+        """After a failed load: the keys leave the cache and their slots are free again, so a
+        later request loads them afresh instead of computing with partial bytes."""
+        self._release(self.cache.drop(np.asarray(keys, dtype=np.int64)))  # (resident keys have slots)
+
+    def report(self) -> dict:
+        return self.stats.report(self)
+
+    def close(self) -> None:
+        pass

@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="bench/.cache/convert")
     ap.add_argument("--out", default="bench/out/convert.json")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     dense = read_gguf(smollm2_gguf(), progress=False)
@@ -61,7 +62,8 @@ def main() -> None:
         S = max(1, round(E * a.shared_fraction))
         for share in a.shares:
             K = round(share * E) - S
-            for name, (train, distill) in VARIANTS.items():
+            for name in a.variants:
+                train, distill = VARIANTS[name]
                 cfg = ConvertConfig(E, K, S, train, distill, a.calibration_tokens)
                 out = Path(a.workdir) / f"e{E}-k{K}-s{S}-{int(train)}{int(distill)}"
                 shutil.rmtree(out, ignore_errors=True)

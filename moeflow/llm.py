@@ -57,17 +57,24 @@ class LLM:
         expert_scope: str = "global",
         prefetch: str = "none",
         expert_trace: str | Path | None = None,
+        host_memory: str | int | None = None,
+        on_miss: str = "copy",
     ):
         """expert_memory: a budget ("2GiB", "25%", bytes) for experts in RAM; the rest are read from
         the checkpoint files on demand (None: every expert resident). expert_policy: cyclic, lru,
         lfu, reuse or pinned; prefetch: lookahead, frequency, cooccurrence or none; expert_trace: a
-        routing trace of this model (`moeflow trace`) that pinned and cooccurrence learn from."""
+        routing trace of this model (`moeflow trace`) that pinned and cooccurrence learn from.
+        With device="cuda", expert_memory is the GPU's budget over a RAM tier (host_memory: its
+        budget, None for every expert in pinned RAM) and on_miss="cpu" computes a missed expert on
+        the CPU instead of waiting for its copy."""
         store = StoreConfig(
             expert_memory,
             expert_policy,
             expert_scope,
             prefetch,
             trace=None if expert_trace is None else str(expert_trace),
+            host_memory=host_memory,
+            on_miss=on_miss,
         )
         if threads:
             torch.set_num_threads(threads)

@@ -204,3 +204,65 @@ def test_trace_of_another_model_is_refused(chat_model, traces):
 
     with pytest.raises(ConfigError, match="recorded on 4 MoE layers x 16 experts; this model has 3 x 16"):
         model_trace(traces["top1"], [0, 1, 2], 16)
+
+
+# ---- the device tier (an accelerator's expert cache over a RAM tier). Without a GPU its
+# bookkeeping runs on device="cpu" with synchronous copies: the same slots, cache, prediction and
+# compute-where-the-weights-are path, minus the CUDA streams.
+
+
+def on_device_tier(llm: LLM, budget: int, miss: str, prefetch: str, policy: str = "cyclic") -> list[int]:
+    """Puts a device tier over the LLM's own expert store; returns a list that counts, per fetch,
+    the experts handed back from the host (computed where they live)."""
+    from moeflow.store.build import device_store
+    from moeflow.store.predict import make_engine_predictor
+
+    cfg = StoreConfig(expert_memory=budget, policy=policy, prefetch=prefetch, on_miss=miss)
+    a = llm.args
+    dev = device_store(llm.loaded.experts, a, torch.float32, cfg, "cpu")
+    dev.predictor = make_engine_predictor(
+        prefetch, llm.loaded.model, a.moe_layers, a.moe.n_experts, a.moe.top_k
+    )
+    check_budget(dev)
+    on_host = []
+    weights = dev._weights
+    dev._weights = lambda keys: on_host.append(len(dev.on_host)) or weights(keys)
+    llm.loaded.experts = dev
+    return on_host
+
+
+@pytest.mark.parametrize("host", ["resident", "tiered"])
+@pytest.mark.parametrize("miss", ["copy", "cpu"])
+@pytest.mark.parametrize("prefetch", ["none", "lookahead"])
+def test_device_tier_is_exact(top1_model, reference, host, miss, prefetch):
+    """One expert in the device tier for all layers (every step evicts), over every expert in RAM
+    or over a RAM tier of two experts that itself reads the disk."""
+    two = 2 * expert_bytes(top1_model)
+    llm = LLM(top1_model, progress=False, **({"expert_memory": two} if host == "tiered" else {}))
+    on_host = on_device_tier(llm, expert_bytes(top1_model), miss, prefetch)
+    tokens = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
+    logits = torch.cat([w.logits for w in run_windows(llm.loaded, WINDOWS, batch=2, progress=False)])
+    assert_same((tokens, logits), reference["top1"])
+    s = llm.expert_stats()
+    assert s["misses"] > 0 and s["bytes_read"] >= s["misses"] * expert_bytes(top1_model)
+    assert s["on_miss"] == miss and ("host" in s) == (host == "tiered")
+    assert (sum(on_host) > 0) == (miss == "cpu")  # misses were computed from the host's copy
+
+
+def test_device_tier_over_top4_batches_is_exact(chat_model, reference):
+    """Batches whose tokens use more experts than the device holds run in groups."""
+    llm = LLM(chat_model, progress=False)
+    on_device_tier(llm, 4 * expert_bytes(chat_model), "cpu", "lookahead", policy="lru")
+    tokens = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
+    logits = torch.cat([w.logits for w in run_windows(llm.loaded, WINDOWS, batch=2, progress=False)])
+    assert_same((tokens, logits), reference["top4"])
+
+
+def test_device_tier_bad_configs(chat_model):
+    with pytest.raises(ConfigError, match="host-memory budgets the RAM tier"):
+        LLM(chat_model, progress=False, expert_memory="50%", host_memory="50%")
+    with pytest.raises(ConfigError, match="on-miss must be copy or cpu"):
+        LLM(chat_model, progress=False, expert_memory="50%", on_miss="gpu")
+    llm = LLM(chat_model, progress=False, expert_memory=4 * expert_bytes(chat_model))
+    with pytest.raises(ConfigError, match="give the host at least the device's budget"):
+        on_device_tier(llm, 8 * expert_bytes(chat_model), "copy", "none")

@@ -48,7 +48,15 @@ def open_for_text(a):
         a.model = default_model_path()
     dtype, device = resolve_dtype(a.dtype), resolve_device(a.device)
     text = read_text(a.text)
-    store = StoreConfig(a.expert_memory, a.expert_policy, a.expert_scope, a.prefetch)
+    store = StoreConfig(
+        a.expert_memory,
+        a.expert_policy,
+        a.expert_scope,
+        a.prefetch,
+        trace=a.expert_trace,
+        host_memory=a.host_memory,
+        on_miss=a.on_miss,
+    )
     lm, tok = open_model(a.model, dtype, device, sys.stderr.isatty(), store)
     return lm, dtype, encode(tok, text)
 

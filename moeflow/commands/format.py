@@ -17,6 +17,8 @@ def llm_from_args(a, **extra):
         expert_scope=a.expert_scope,
         prefetch=a.prefetch,
         expert_trace=a.expert_trace,
+        host_memory=a.host_memory,
+        on_miss=a.on_miss,
         **extra,
     )
 
@@ -25,7 +27,20 @@ def add_store_args(p) -> None:
     p.add_argument(
         "--expert-memory",
         default=None,
-        help="RAM budget for experts, e.g. 2GiB or 25%% (default: all resident)",
+        help="memory budget for experts, e.g. 2GiB or 25%% (default: all resident): RAM's on cpu, "
+        "the accelerator's with --device cuda",
+    )
+    p.add_argument(
+        "--host-memory",
+        default=None,
+        help="with --device cuda and --expert-memory: RAM budget of the host tier under the GPU's "
+        "expert cache (default: every expert in pinned RAM); beyond it experts are read from disk",
+    )
+    p.add_argument(
+        "--on-miss",
+        default="copy",
+        help="with --device cuda: copy a missed expert to the GPU and wait (copy, default), or compute "
+        "it on the CPU where it lives while the copy runs (cpu)",
     )
     p.add_argument(
         "--expert-policy", default="cyclic", help="expert cache policy: cyclic, lru, lfu, reuse, pinned"

@@ -23,6 +23,9 @@ Fetch = Callable[[Sequence[int]], Sequence[tuple[torch.Tensor, torch.Tensor]]]
 
 
 def swiglu_expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    if w13.device != x.device:  # the store left this expert where it lives (a device tier's miss
+        # computed on the CPU): move the token rows to the weights, not the weights to the rows
+        return swiglu_expert(x.to(w13.device), w13, w2).to(x.device)
     gate, up = linear(x, w13).chunk(2, dim=-1)
     return linear(F.silu(gate) * up, w2)
 

@@ -3,7 +3,7 @@ become module parameters, expert weights go to the expert store."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -14,10 +14,11 @@ from ..expert_store import ResidentExperts
 from ..models.args import ModelArgs
 from ..models.registry import parse_args
 from ..models.transformer import CausalLM
-from ..store.build import tiered_store
+from ..store.build import device_store, tiered_store
+from ..store.cached import CachedExperts
 from ..store.config import StoreConfig
+from ..store.device import pinned
 from ..store.predict import make_engine_predictor
-from ..store.tiered import TieredExperts
 from .checkpoint import Checkpoint, MemoryCheckpoint
 from .experts import check_shape, layer_experts
 
@@ -28,7 +29,7 @@ _KEEP_FP32 = (".mlp.gate.weight", ".e_score_correction_bias")
 @dataclass
 class LoadedModel:
     model: CausalLM
-    experts: ResidentExperts | TieredExperts
+    experts: ResidentExperts | CachedExperts  # resident, or a budgeted cache (RAM over disk, device over RAM)
     args: ModelArgs
     checkpoint: Checkpoint
     path: Path
@@ -48,11 +49,18 @@ def load(
         model = CausalLM(args, fam.route(args))
     canon = {fam.sanitize(k): k for k in ckpt.keys()}
     names = [n for n, _ in model.named_parameters()]
+    budgeted = store is not None and store.tiered and bool(args.moe_layers)
+    on_device = torch.device(device).type != "cpu"
+    if store is not None and store.host_memory is not None and not (budgeted and on_device):
+        raise ConfigError(
+            "--host-memory budgets the RAM tier under an accelerator's expert cache: it needs "
+            "--expert-memory and a --device other than cpu"
+        )
     tiered = None
-    if store is not None and store.tiered and args.moe_layers:
-        if device != "cpu":
-            raise ConfigError("an expert memory budget is implemented for device=cpu only so far")
-        tiered = tiered_store(ckpt, canon, args, dtype, store)
+    if budgeted:  # on CPU the budget is RAM's, over the disk; on a device, the RAM tier is the host's
+        host_cfg = replace(store, expert_memory=store.host_memory, prefetch="none") if on_device else store
+        if host_cfg.expert_memory is not None:
+            tiered = tiered_store(ckpt, canon, args, dtype, host_cfg, pin=on_device)
     n_steps = len(names) + (0 if tiered else len(args.moe_layers))
     with tqdm(total=n_steps, desc="loading", unit="tensor", disable=not progress, leave=False) as bar:
         state = {}
@@ -62,11 +70,19 @@ def load(
         if args.tie_embeddings:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         model.load_state_dict(state, assign=True, strict=True)
-        experts = tiered or _load_experts(ckpt, canon, args, dtype, device, bar)
+        host_device = "cpu" if budgeted and on_device else device
+        experts = tiered or _load_experts(ckpt, canon, args, dtype, host_device, bar)
+    if budgeted and on_device:
+        if tiered is None:
+            pinned(experts)
+        host, experts = experts, device_store(experts, args, dtype, store, device)
+        if experts is None:  # the device budget holds every expert
+            experts = _load_experts(ckpt, canon, args, dtype, device, bar=None)
+            getattr(host, "close", lambda: None)()
     model.eval()
-    if tiered is not None:
+    if isinstance(experts, CachedExperts):
         m = args.moe
-        tiered.predictor = make_engine_predictor(
+        experts.predictor = make_engine_predictor(
             store.prefetch, model, args.moe_layers, m.n_experts, m.top_k, store.trace
         )
     for layer in model.model.layers:
@@ -92,5 +108,6 @@ def _load_experts(ckpt, canon, args: ModelArgs, dtype, device, bar) -> ResidentE
     for layer in args.moe_layers:
         for e, gate, up, down in layer_experts(ckpt, canon, layer, m.n_experts, m.intermediate, args.hidden):
             store.put(layer, e, gate, up, down)
-        bar.update()
+        if bar is not None:
+            bar.update()
     return store

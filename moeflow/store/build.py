@@ -12,6 +12,7 @@ from ..errors import ConfigError
 from ..models.args import ModelArgs
 from .budget import parse_size
 from .config import StoreConfig
+from .device import DeviceExperts
 from .extents import expert_map
 from .predict import model_trace
 from .tiered import TieredExperts
@@ -37,16 +38,8 @@ def capacity_for(cfg: StoreConfig, args: ModelArgs, expert_bytes: int) -> CacheC
     return CacheCapacity(per_layer=per_layer) if cfg.scope == "layer" else CacheCapacity(total=n)
 
 
-def tiered_store(ckpt, canon, args: ModelArgs, dtype: torch.dtype, cfg: StoreConfig) -> TieredExperts | None:
+def _policy(cfg: StoreConfig, args: ModelArgs, cap: CacheCapacity):
     m = args.moe
-    emap = expert_map(ckpt, canon, args.moe_layers, m.n_experts, m.intermediate, args.hidden)
-    cap = capacity_for(cfg, args, emap.numel * dtype.itemsize)
-    if cap is None:
-        print(
-            f"moeflow: expert memory {cfg.expert_memory} covers every expert: all stay resident",
-            file=sys.stderr,
-        )
-        return None
     profile = None
     if cfg.policy == "pinned":
         if cfg.trace is None:
@@ -57,7 +50,55 @@ def tiered_store(ckpt, canon, args: ModelArgs, dtype: torch.dtype, cfg: StoreCon
     ctx = PolicyContext(
         n_layers=len(args.moe_layers), n_experts=m.n_experts, top_k=m.top_k, capacity=cap, profile=profile
     )
-    policy = make_policy(cfg.policy, ctx)
+    return make_policy(cfg.policy, ctx)
+
+
+def _all_resident(budget) -> None:
+    print(f"moeflow: expert memory {budget} covers every expert: all stay resident", file=sys.stderr)
+
+
+def tiered_store(
+    ckpt, canon, args: ModelArgs, dtype: torch.dtype, cfg: StoreConfig, pin: bool = False
+) -> TieredExperts | None:
+    """Experts in RAM over the disk. pin: page-locked slots (the host tier under a GPU's)."""
+    m = args.moe
+    emap = expert_map(ckpt, canon, args.moe_layers, m.n_experts, m.intermediate, args.hidden)
+    cap = capacity_for(cfg, args, emap.numel * dtype.itemsize)
+    if cap is None:
+        _all_resident(cfg.expert_memory)
+        return None
+    policy = _policy(cfg, args, cap)
     return TieredExperts(
-        emap, args.moe_layers, m.n_experts, m.intermediate, args.hidden, dtype, cap, policy, cfg.io_threads
+        emap,
+        args.moe_layers,
+        m.n_experts,
+        m.intermediate,
+        args.hidden,
+        dtype,
+        cap,
+        policy,
+        cfg.io_threads,
+        pin,
+    )
+
+
+def device_store(host, args: ModelArgs, dtype: torch.dtype, cfg: StoreConfig, device) -> DeviceExperts | None:
+    """Experts in accelerator memory over `host` (a resident or tiered store in RAM)."""
+    m = args.moe
+    cap = capacity_for(cfg, args, 3 * m.intermediate * args.hidden * dtype.itemsize)
+    if cap is None:
+        _all_resident(cfg.expert_memory)
+        return None
+    policy = _policy(cfg, args, cap)
+    return DeviceExperts(
+        host,
+        args.moe_layers,
+        m.n_experts,
+        m.intermediate,
+        args.hidden,
+        dtype,
+        cap,
+        policy,
+        device,
+        cfg.on_miss,
     )

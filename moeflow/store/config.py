@@ -17,6 +17,10 @@ class StoreConfig:
     prefetch: str = "none"  # on 2 vCPUs prefetch reads cost the compute more than they hide
     io_threads: int = 4  # demand misses of one layer are read this many at a time
     trace: str | None = None  # a routing trace of this model: pinned's hot set, cooccurrence's fit
+    # with an accelerator: expert_memory is the device's budget; host_memory the RAM tier's under
+    # it (None: every expert in RAM); on_miss "cpu" computes a missed expert where it lives
+    host_memory: str | int | None = None
+    on_miss: str = "copy"
 
     def __post_init__(self):
         usable = [p for p in POLICIES if p != "belady"]  # belady needs the future: simulator only
@@ -28,6 +32,8 @@ class StoreConfig:
             raise ConfigError(
                 f"unknown prefetch predictor {self.prefetch!r} (known: {', '.join(PREDICTORS)})"
             )
+        if self.on_miss not in ("copy", "cpu"):
+            raise ConfigError(f"--on-miss must be copy or cpu, got {self.on_miss!r}")
         if self.io_threads < 1:
             raise ConfigError(f"io_threads must be at least 1, got {self.io_threads}")
 

@@ -50,6 +50,24 @@ def test_all_experts_equal_the_dense_model(dense, tmp_path, shared):
     assert (got - want).abs().max().item() <= 1e-4
 
 
+def test_bfloat16_checkpoint(dense, tmp_path):
+    """--dtype bfloat16 stores experts and dense weights in bf16, routers and norms in fp32, and
+    computes what the fp32 conversion computes up to bf16 rounding of the weights (all experts
+    routed, so a rounding cannot flip a routing choice)."""
+    model, _ = dense
+    full = converted(model, tmp_path / "f32", experts=8, top_k=8)
+    half = converted(model, tmp_path / "bf16", experts=8, top_k=8, dtype="bfloat16")
+    w = load_file(str(half / "model.safetensors"))
+    assert w["model.layers.0.mlp.experts.0.down_proj.weight"].dtype == torch.bfloat16
+    assert w["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    assert w["model.layers.0.mlp.gate.weight"].dtype == torch.float32
+    assert w["model.norm.weight"].dtype == torch.float32
+    tokens = prompt(26, seed=1)
+    want = our_logits(load(full, progress=False), tokens, 16)
+    got = our_logits(load(half, progress=False), tokens, 16)
+    assert (got - want).abs().max().item() <= 0.02 * want.abs().max().item()
+
+
 def test_experts_partition_the_dense_neurons(dense, tmp_path):
     model, _ = dense
     out = converted(model, tmp_path, experts=8, top_k=3, shared=1)
@@ -133,6 +151,7 @@ def test_fewer_experts_change_the_output_and_runtime_top_k_restores_it(dense, tm
         (["--experts", "8", "--top-k", "9"], "--top-k must be in 1..8"),
         (["--experts", "8", "--top-k", "8", "--shared-experts", "1"], "--top-k must be in 1..7"),
         (["--experts", "8", "--top-k", "2", "--shared-experts", "8"], "--shared-experts"),
+        (["--experts", "8", "--top-k", "2", "--dtype", "int8"], "--dtype must be one of float32"),
     ],
 )
 def test_bad_conversion_settings(checkpoint, tmp_path, flags, needle):

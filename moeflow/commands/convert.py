@@ -30,6 +30,11 @@ def add_parser(sub) -> None:
     d.add_argument("--no-router-training", action="store_true", help="keep the centroid router")
     d.add_argument("--distill", action="store_true", help="refit down projections to the dense output")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument(
+        "--dtype",
+        default="float32",
+        help="weights on disk: float32 (default), bfloat16 or float16 (routers and norms stay float32)",
+    )
     d.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -42,6 +47,7 @@ def run(a) -> int:
         distill=a.distill,
         calibration_tokens=a.calibration_tokens,
         seed=a.seed,
+        dtype=a.dtype,
     )
     text = "\n\n".join(read_text(f) for f in a.calibration)
     s = convert_path(a.src, a.out, cfg, text, progress=sys.stderr.isatty())

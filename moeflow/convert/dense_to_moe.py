@@ -7,12 +7,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from ..errors import ConfigError
 from .calibrate import ffn_inputs
 from .dense import DenseModel, read_dense, write_folder
-from .moefy import ConvertConfig, convert_layer, layer_tensors
+from .moefy import SAVE_DTYPES, ConvertConfig, convert_layer, layer_tensors
 
 MODEL_TYPE = "moeflow_llama_moe"
 
@@ -36,6 +37,7 @@ def moe_config(dense: DenseModel, cfg: ConvertConfig, n_tokens: int) -> dict:
     c.update(
         model_type=MODEL_TYPE,
         architectures=["MoeflowLlamaMoeForCausalLM"],
+        torch_dtype=cfg.dtype,
         num_experts=cfg.routed,
         num_experts_per_tok=cfg.top_k,
         moe_intermediate_size=m,
@@ -70,7 +72,7 @@ def convert(
         inputs[i] = None  # frees this layer's calibration states
         tensors.update(layer_tensors(i, layer, gate, up))
         recall.append(layer.stats.get("recall_trained", layer.stats["recall_centroid"]))
-    write_folder(out, moe_config(dense, cfg, n_tokens), tensors, dense.tokenizer)
+    write_folder(out, moe_config(dense, cfg, n_tokens), saved_as(tensors, cfg.dtype), dense.tokenizer)
     return ConvertSummary(
         out=str(out),
         experts=cfg.experts,
@@ -82,6 +84,14 @@ def convert(
         router_mass_recall=float(np.mean(recall)),
         seconds=time.perf_counter() - t0,
     )
+
+
+def saved_as(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """Weights in the checkpoint's dtype, as real MoE checkpoints ship (bf16 halves the bytes an
+    expert store reads); routers and norm weights stay float32."""
+    want = SAVE_DTYPES[dtype]
+    keep = (".mlp.gate.weight", "norm.weight")
+    return {k: v if k.endswith(keep) or not v.is_floating_point() else v.to(want) for k, v in tensors.items()}
 
 
 def _encode(dense: DenseModel, text: str) -> list[int]:

@@ -17,6 +17,7 @@ from .cluster import balanced_kmeans, groups
 from .distill import refit_down
 from .router import centroid_router, expert_mass, fit_router, mass_recall
 
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CLUSTER_TOKENS = 4096  # tokens whose activation pattern describes a neuron for clustering
 
 
@@ -29,6 +30,7 @@ class ConvertConfig:
     distill: bool = False
     calibration_tokens: int = 32768
     seed: int = 0
+    dtype: str = "float32"  # on disk; routers and norms stay float32 (routing is rounding-sensitive)
 
     @property
     def routed(self) -> int:
@@ -43,6 +45,8 @@ class ConvertConfig:
             raise ConfigError(
                 f"--top-k must be in 1..{self.routed} (experts minus shared experts), got {self.top_k}"
             )
+        if self.dtype not in SAVE_DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.dtype!r}")
         if self.calibration_tokens < 256:
             raise ConfigError(f"--calibration-tokens must be at least 256, got {self.calibration_tokens}")
 

@@ -11,6 +11,7 @@ from ..cache.registry import PolicyContext, make_policy
 from ..errors import ConfigError
 from ..models.args import ModelArgs
 from .budget import parse_size
+from .cached import SlotSpec
 from .config import StoreConfig
 from .device import DeviceExperts
 from .extents import expert_map
@@ -38,8 +39,16 @@ def capacity_for(cfg: StoreConfig, args: ModelArgs, expert_bytes: int) -> CacheC
     return CacheCapacity(per_layer=per_layer) if cfg.scope == "layer" else CacheCapacity(total=n)
 
 
-def _policy(cfg: StoreConfig, args: ModelArgs, cap: CacheCapacity):
+def slot_spec(cfg: StoreConfig, args: ModelArgs, dtype: torch.dtype) -> SlotSpec | None:
+    """The slots cfg's budget buys for this model; None when it holds every expert."""
     m = args.moe
+    cap = capacity_for(cfg, args, 3 * m.intermediate * args.hidden * dtype.itemsize)
+    if cap is None:
+        print(
+            f"moeflow: expert memory {cfg.expert_memory} covers every expert: all stay resident",
+            file=sys.stderr,
+        )
+        return None
     profile = None
     if cfg.policy == "pinned":
         if cfg.trace is None:
@@ -50,11 +59,8 @@ def _policy(cfg: StoreConfig, args: ModelArgs, cap: CacheCapacity):
     ctx = PolicyContext(
         n_layers=len(args.moe_layers), n_experts=m.n_experts, top_k=m.top_k, capacity=cap, profile=profile
     )
-    return make_policy(cfg.policy, ctx)
-
-
-def _all_resident(budget) -> None:
-    print(f"moeflow: expert memory {budget} covers every expert: all stay resident", file=sys.stderr)
+    policy = make_policy(cfg.policy, ctx)
+    return SlotSpec(args.moe_layers, m.n_experts, m.intermediate, args.hidden, dtype, cap, policy)
 
 
 def tiered_store(
@@ -63,42 +69,11 @@ def tiered_store(
     """Experts in RAM over the disk. pin: page-locked slots (the host tier under a GPU's)."""
     m = args.moe
     emap = expert_map(ckpt, canon, args.moe_layers, m.n_experts, m.intermediate, args.hidden)
-    cap = capacity_for(cfg, args, emap.numel * dtype.itemsize)
-    if cap is None:
-        _all_resident(cfg.expert_memory)
-        return None
-    policy = _policy(cfg, args, cap)
-    return TieredExperts(
-        emap,
-        args.moe_layers,
-        m.n_experts,
-        m.intermediate,
-        args.hidden,
-        dtype,
-        cap,
-        policy,
-        cfg.io_threads,
-        pin,
-    )
+    spec = slot_spec(cfg, args, dtype)
+    return None if spec is None else TieredExperts(emap, spec, cfg.io_threads, pin)
 
 
 def device_store(host, args: ModelArgs, dtype: torch.dtype, cfg: StoreConfig, device) -> DeviceExperts | None:
     """Experts in accelerator memory over `host` (a resident or tiered store in RAM)."""
-    m = args.moe
-    cap = capacity_for(cfg, args, 3 * m.intermediate * args.hidden * dtype.itemsize)
-    if cap is None:
-        _all_resident(cfg.expert_memory)
-        return None
-    policy = _policy(cfg, args, cap)
-    return DeviceExperts(
-        host,
-        args.moe_layers,
-        m.n_experts,
-        m.intermediate,
-        args.hidden,
-        dtype,
-        cap,
-        policy,
-        device,
-        cfg.on_miss,
-    )
+    spec = slot_spec(cfg, args, dtype)
+    return None if spec is None else DeviceExperts(host, spec, device, cfg.on_miss)

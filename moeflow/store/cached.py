@@ -11,6 +11,7 @@ have landed). Prediction only changes *when* bytes arrive, never which weights a
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,30 +21,37 @@ from ..cache.state import ExpertCache
 from .stats import StoreStats
 
 
+@dataclass(frozen=True)
+class SlotSpec:
+    """What a budgeted store holds: the model's expert geometry, the slots' dtype, how many slots
+    (capacity) and who picks their occupants (policy)."""
+
+    layers: list[int]  # the MoE layers' indices in the model
+    n_experts: int
+    inter: int  # an expert's intermediate width
+    hidden: int
+    dtype: torch.dtype  # of the slots (the compute dtype)
+    capacity: CacheCapacity
+    policy: object  # a cache.policies Policy
+
+    @property
+    def numel(self) -> int:
+        return 3 * self.inter * self.hidden  # [gate | up | down]
+
+
 class CachedExperts:
-    def __init__(
-        self,
-        moe_layers: list[int],
-        n_experts: int,
-        inter: int,
-        hidden: int,
-        dtype: torch.dtype,
-        capacity: CacheCapacity,
-        policy,
-        numel: int,
-        device="cpu",
-        pin: bool = False,
-    ):
-        self.layers, self.n_experts = list(moe_layers), n_experts
-        self.inter, self.hidden, self.dtype = inter, hidden, dtype
+    def __init__(self, spec: SlotSpec, device="cpu", pin: bool = False):
+        self.layers, self.n_experts = list(spec.layers), spec.n_experts
+        self.inter, self.hidden, self.dtype = spec.inter, spec.hidden, spec.dtype
         self.index = {layer: i for i, layer in enumerate(self.layers)}
-        self.cache = ExpertCache(len(self.layers), n_experts, capacity, policy)
+        capacity = spec.capacity
+        self.cache = ExpertCache(len(self.layers), self.n_experts, capacity, spec.policy)
         n_slots = capacity.size * (len(self.layers) if capacity.scope == "layer" else 1)
         # the whole budget, allocated once
-        self.slots = torch.empty(n_slots, numel, dtype=dtype, device=device, pin_memory=pin)
-        I, H = inter, hidden  # each slot's [gate | up] and down views, made once (views cost ~10 µs)
+        self.slots = torch.empty(n_slots, spec.numel, dtype=spec.dtype, device=device, pin_memory=pin)
+        I, H = spec.inter, spec.hidden  # each slot's [gate | up] and down views, made once (~10 µs each)
         self.slot_views = [(b[: 2 * I * H].view(2 * I, H), b[2 * I * H :].view(H, I)) for b in self.slots]
-        self.slot_of = np.full(len(self.layers) * n_experts, -1, dtype=np.int64)
+        self.slot_of = np.full(len(self.layers) * self.n_experts, -1, dtype=np.int64)
         self.free = list(range(n_slots - 1, -1, -1))
         self.in_use = np.zeros(0, dtype=np.int64)
         self.step = 0

@@ -22,37 +22,23 @@ from __future__ import annotations
 
 import torch
 
-from ..cache.capacity import CacheCapacity
 from ..errors import ConfigError
-from .cached import CachedExperts
+from .cached import CachedExperts, SlotSpec
 
 MISS_MODES = ("copy", "cpu")
 
 
 class DeviceExperts(CachedExperts):
-    def __init__(
-        self,
-        host,
-        moe_layers: list[int],
-        n_experts: int,
-        inter: int,
-        hidden: int,
-        dtype: torch.dtype,
-        capacity: CacheCapacity,
-        policy,
-        device="cuda",
-        miss: str = "copy",
-    ):
+    def __init__(self, host, spec: SlotSpec, device="cuda", miss: str = "copy"):
         if miss not in MISS_MODES:
             raise ConfigError(f"on a miss the device tier can {' or '.join(MISS_MODES)}, not {miss!r}")
         host_cap = getattr(host, "at_once", None)
-        if host_cap is not None and host_cap < capacity.size:
+        if host_cap is not None and host_cap < spec.capacity.size:
             raise ConfigError(
                 f"the host tier holds {host_cap} experts at once, fewer than the device tier's "
-                f"{capacity.size}: give the host at least the device's budget"
+                f"{spec.capacity.size}: give the host at least the device's budget"
             )
-        numel = 3 * inter * hidden
-        super().__init__(moe_layers, n_experts, inter, hidden, dtype, capacity, policy, numel, device=device)
+        super().__init__(spec, device=device)
         self.host, self.device, self.miss = host, torch.device(device), miss
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None

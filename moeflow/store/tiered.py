@@ -12,27 +12,14 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
-from ..cache.capacity import CacheCapacity
-from .cached import CachedExperts
+from .cached import CachedExperts, SlotSpec
 from .extents import ExpertMap
 from .reader import FileReader
 
 
 class TieredExperts(CachedExperts):
-    def __init__(
-        self,
-        emap: ExpertMap,
-        moe_layers: list[int],
-        n_experts: int,
-        inter: int,
-        hidden: int,
-        dtype: torch.dtype,
-        capacity: CacheCapacity,
-        policy,
-        io_threads: int = 4,
-        pin: bool = False,
-    ):
-        super().__init__(moe_layers, n_experts, inter, hidden, dtype, capacity, policy, emap.numel, pin=pin)
+    def __init__(self, emap: ExpertMap, spec: SlotSpec, io_threads: int = 4, pin: bool = False):
+        super().__init__(spec, pin=pin)
         self.map = emap
         self.reader = FileReader(sorted({x.file for runs in emap.extents.values() for x in runs}))
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="moeflow-prefetch")

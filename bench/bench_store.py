@@ -212,6 +212,8 @@ def simulate_policies(trace_path: Path, g: dict, shares: list[float]) -> list[di
 
 
 def case_real(a) -> dict:
+    import torch
+
     from moeflow.corpus import read_text
     from moeflow.default_model import default_model_path
     from moeflow.eval.trace import record, save
@@ -232,14 +234,22 @@ def case_real(a) -> dict:
     save(eval_trace, record(lm, eval_ids[:4096], window=512, progress=False))
     del lm
     prompt = eval_ids[5000 : 5000 + a.prompt]
-    base = {"model": str(model), "prompt": prompt, "tokens": a.tokens, "trace": str(fit_trace)}
+    base = {
+        "model": str(model),
+        "prompt": prompt,
+        "tokens": a.tokens,
+        "trace": str(fit_trace),
+        "dtype": a.dtype,
+    }
+    # budgets count slots in the compute dtype, which may be wider than the checkpoint's
+    slot_bytes = 3 * g["hidden"] * g["expert_intermediate"] * getattr(torch, a.dtype).itemsize
     K = g["top_k"]
     specs = [
         base | {"name": "all in RAM"},
-        base | {"name": "naive (top-k, no prefetch)", "budget": K * g["expert_bytes"], "prefetch": "none"},
+        base | {"name": "naive (top-k, no prefetch)", "budget": K * slot_bytes, "prefetch": "none"},
     ]
     for share in (0.10, 0.25, 0.50):
-        b = budget_bytes(share, g)
+        b = f"{share:.0%}"
         specs.append(base | {"name": f"{share:.0%} lru none", "budget": b, "prefetch": "none"})
         if share != 0.25:  # (25% cyclic none is among the predictors below)
             specs.append(
@@ -247,7 +257,7 @@ def case_real(a) -> dict:
                 | {"name": f"{share:.0%} cyclic none", "budget": b, "policy": "cyclic", "prefetch": "none"}
             )
         specs.append(base | {"name": f"{share:.0%} cyclic lookahead", "budget": b, "policy": "cyclic"})
-    q = budget_bytes(0.25, g)
+    q = "25%"
     for policy in ("lru", "lfu", "reuse", "pinned"):
         specs.append(base | {"name": f"25% {policy} lookahead", "budget": q, "policy": policy})
     for pred in ("none", "frequency", "cooccurrence"):
@@ -455,6 +465,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=48, help="tokens decoded per run")
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--dtype", default="float32", help="real case: compute dtype")
     p.add_argument("--only", nargs="*", help="run only configurations whose names start with these")
     p.add_argument("--out", default=None)
     a = p.parse_args()

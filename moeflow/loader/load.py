@@ -14,10 +14,10 @@ from ..expert_store import ResidentExperts
 from ..models.args import ModelArgs
 from ..models.registry import parse_args
 from ..models.transformer import CausalLM
-from ..store.build import device_store, tiered_store
+from ..store.build import slot_spec, tiered_store
 from ..store.cached import CachedExperts
 from ..store.config import StoreConfig
-from ..store.device import pinned
+from ..store.device import DeviceExperts, pinned
 from ..store.predict import make_engine_predictor
 from .checkpoint import Checkpoint, MemoryCheckpoint
 from .experts import check_shape, layer_experts
@@ -56,6 +56,9 @@ def load(
             "--host-memory budgets the RAM tier under an accelerator's expert cache: it needs "
             "--expert-memory and a --device other than cpu"
         )
+    device_spec = slot_spec(store, args, dtype) if budgeted and on_device else None
+    if on_device and device_spec is None:
+        budgeted = False  # (no budget, or one that holds every expert: all resident on the device)
     tiered = None
     if budgeted:  # on CPU the budget is RAM's, over the disk; on a device, the RAM tier is the host's
         host_cfg = replace(store, expert_memory=store.host_memory, prefetch="none") if on_device else store
@@ -72,13 +75,10 @@ def load(
         model.load_state_dict(state, assign=True, strict=True)
         host_device = "cpu" if budgeted and on_device else device
         experts = tiered or _load_experts(ckpt, canon, args, dtype, host_device, bar)
-    if budgeted and on_device:
+    if device_spec is not None:
         if tiered is None:
-            pinned(experts)
-        host, experts = experts, device_store(experts, args, dtype, store, device)
-        if experts is None:  # the device budget holds every expert
-            experts = _load_experts(ckpt, canon, args, dtype, device, bar=None)
-            getattr(host, "close", lambda: None)()
+            pinned(experts)  # page-locked, so host-to-device copies are asynchronous
+        experts = DeviceExperts(experts, device_spec, device, store.on_miss)
     model.eval()
     if isinstance(experts, CachedExperts):
         m = args.moe
@@ -108,6 +108,5 @@ def _load_experts(ckpt, canon, args: ModelArgs, dtype, device, bar) -> ResidentE
     for layer in args.moe_layers:
         for e, gate, up, down in layer_experts(ckpt, canon, layer, m.n_experts, m.intermediate, args.hidden):
             store.put(layer, e, gate, up, down)
-        if bar is not None:
-            bar.update()
+        bar.update()
     return store

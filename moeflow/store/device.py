@@ -16,7 +16,9 @@ token's activations is far cheaper than moving an expert). The copy still starts
 is on the device for later tokens. `run_experts` computes each expert on its weights' device.
 
 Without CUDA (device="cpu") the same bookkeeping runs with synchronous copies: that is how the
-tests check, on any machine, that this tier never changes what the model computes."""
+tests check, on any machine, that this tier never changes what the model computes. On CUDA the
+reported stall counts only what the CPU waited for (a tiered host's disk reads); the GPU's own
+waits on copy events need a CUDA profiler to see."""
 
 from __future__ import annotations
 

@@ -214,12 +214,13 @@ def test_trace_of_another_model_is_refused(chat_model, traces):
 def on_device_tier(llm: LLM, budget: int, miss: str, prefetch: str, policy: str = "cyclic") -> list[int]:
     """Puts a device tier over the LLM's own expert store; returns a list that counts, per fetch,
     the experts handed back from the host (computed where they live)."""
-    from moeflow.store.build import device_store
+    from moeflow.store.build import slot_spec
+    from moeflow.store.device import DeviceExperts
     from moeflow.store.predict import make_engine_predictor
 
     cfg = StoreConfig(expert_memory=budget, policy=policy, prefetch=prefetch, on_miss=miss)
     a = llm.args
-    dev = device_store(llm.loaded.experts, a, torch.float32, cfg, "cpu")
+    dev = DeviceExperts(llm.loaded.experts, slot_spec(cfg, a, torch.float32), "cpu", cfg.on_miss)
     dev.predictor = make_engine_predictor(
         prefetch, llm.loaded.model, a.moe_layers, a.moe.n_experts, a.moe.top_k
     )

@@ -73,7 +73,7 @@ def load(
         if args.tie_embeddings:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         model.load_state_dict(state, assign=True, strict=True)
-        host_device = "cpu" if budgeted and on_device else device
+        host_device = "cpu" if device_spec is not None else device  # a device tier's host is RAM
         experts = tiered or _load_experts(ckpt, canon, args, dtype, host_device, bar)
     if device_spec is not None:
         if tiered is None:

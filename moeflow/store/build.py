@@ -13,7 +13,6 @@ from ..models.args import ModelArgs
 from .budget import parse_size
 from .cached import SlotSpec
 from .config import StoreConfig
-from .device import DeviceExperts
 from .extents import expert_map
 from .predict import model_trace
 from .tiered import TieredExperts
@@ -67,13 +66,9 @@ def tiered_store(
     ckpt, canon, args: ModelArgs, dtype: torch.dtype, cfg: StoreConfig, pin: bool = False
 ) -> TieredExperts | None:
     """Experts in RAM over the disk. pin: page-locked slots (the host tier under a GPU's)."""
+    spec = slot_spec(cfg, args, dtype)
+    if spec is None:
+        return None
     m = args.moe
     emap = expert_map(ckpt, canon, args.moe_layers, m.n_experts, m.intermediate, args.hidden)
-    spec = slot_spec(cfg, args, dtype)
-    return None if spec is None else TieredExperts(emap, spec, cfg.io_threads, pin)
-
-
-def device_store(host, args: ModelArgs, dtype: torch.dtype, cfg: StoreConfig, device) -> DeviceExperts | None:
-    """Experts in accelerator memory over `host` (a resident or tiered store in RAM)."""
-    spec = slot_spec(cfg, args, dtype)
-    return None if spec is None else DeviceExperts(host, spec, device, cfg.on_miss)
+    return TieredExperts(emap, spec, cfg.io_threads, pin)

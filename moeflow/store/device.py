@@ -27,13 +27,9 @@ import torch
 from ..errors import ConfigError
 from .cached import CachedExperts, SlotSpec
 
-MISS_MODES = ("copy", "cpu")
-
 
 class DeviceExperts(CachedExperts):
     def __init__(self, host, spec: SlotSpec, device="cuda", miss: str = "copy"):
-        if miss not in MISS_MODES:
-            raise ConfigError(f"on a miss the device tier can {' or '.join(MISS_MODES)}, not {miss!r}")
         host_cap = getattr(host, "at_once", None)
         if host_cap is not None and host_cap < spec.capacity.size:
             raise ConfigError(
@@ -42,6 +38,8 @@ class DeviceExperts(CachedExperts):
             )
         super().__init__(spec, device=device)
         self.host, self.device, self.miss = host, torch.device(device), miss
+        # a tiered host may refill the slot a copy reads from with its next fetch: copy out first
+        self.wait_host = isinstance(host, CachedExperts)
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.ready: dict[int, torch.cuda.Event] = {}  # key -> its copy's event, not yet waited on
@@ -72,7 +70,7 @@ class DeviceExperts(CachedExperts):
         layer = self.layers[keys[0] // self.n_experts]
         return self.host.fetch(layer, [k % self.n_experts for k in keys])
 
-    def _copy(self, key: int, w13: torch.Tensor, w2: torch.Tensor, wait_host: bool) -> None:
+    def _copy(self, key: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
         slot = int(self.slot_of[key])
         dst13, dst2 = self.slot_views[slot]
         self.moved += (w13.numel() + w2.numel()) * w13.element_size()
@@ -88,7 +86,7 @@ class DeviceExperts(CachedExperts):
             dst2.copy_(w2, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.stream)
-        if wait_host:  # a tiered host may refill its slot with the next fetch: copy out first
+        if self.wait_host:
             done.synchronize()
         else:
             self.ready[key] = done
@@ -96,15 +94,14 @@ class DeviceExperts(CachedExperts):
     def _load(self, keys: list[int]) -> None:
         if not keys:
             return
-        tiered_host = isinstance(self.host, CachedExperts)
         for key, (w13, w2) in zip(keys, self._host_weights(keys)):
             if self.miss == "cpu":
                 self.on_host[key] = (w13, w2)  # compute there now; the copy serves later tokens
-            self._copy(key, w13, w2, wait_host=tiered_host)
+            self._copy(key, w13, w2)
 
     def _start(self, key: int) -> None:
         ((w13, w2),) = self._host_weights([key])
-        self._copy(key, w13, w2, wait_host=isinstance(self.host, CachedExperts))
+        self._copy(key, w13, w2)
 
     def _arrive(self, key: int) -> None:
         if key in self.on_host:

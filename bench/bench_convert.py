@@ -2,7 +2,9 @@
 
 For E in --experts and active shares in --shares (shared + routed experts over E), converts with
 (1) the centroid router (no training), (2) a trained router, (3) a trained router plus
-distillation, and measures perplexity on held-out text (builtin:evaluation, never calibrated on).
+layer-wise distillation, optionally (4) that plus end-to-end distillation through the whole model
+(`--variants "+ end-to-end" --finetune-tokens N`), and measures perplexity on held-out text
+(builtin:evaluation, never calibrated on).
 One calibration pass is shared by every conversion. Results: JSON plus a Markdown table.
 
     python bench/bench_convert.py [--calibration-tokens 16384] [--eval-tokens 16384]
@@ -14,12 +16,14 @@ import argparse
 import json
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from moeflow.convert.calibrate import ffn_inputs
 from moeflow.convert.dense_to_moe import convert
+from moeflow.convert.finetune import FinetuneConfig
 from moeflow.convert.gguf import read_gguf
 from moeflow.convert.moefy import ConvertConfig
 from moeflow.corpus import calibration_text, evaluation_text
@@ -28,11 +32,13 @@ from moeflow.eval.perplexity import perplexity
 from moeflow.loader.checkpoint import MemoryCheckpoint
 from moeflow.loader.load import load
 
-VARIANTS = {
-    "centroid router": (False, False),
-    "trained router": (True, False),
-    "trained + distill": (True, True),
+VARIANTS = {  # (train router, layer-wise distillation, end-to-end distillation)
+    "centroid router": (False, False, False),
+    "trained router": (True, False, False),
+    "trained + distill": (True, True, False),
+    "+ end-to-end": (True, True, True),
 }
+DEFAULT_VARIANTS = ["centroid router", "trained router", "trained + distill"]
 
 
 def main() -> None:
@@ -45,7 +51,9 @@ def main() -> None:
     ap.add_argument("--workdir", default="bench/.cache/convert")
     ap.add_argument("--out", default="bench/out/convert.json")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
+    ap.add_argument("--finetune-tokens", type=int, default=65536, help="end-to-end variant's training tokens")
+    ap.add_argument("--finetune-lr", type=float, default=FinetuneConfig.lr)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     dense = read_gguf(smollm2_gguf(), progress=False)
@@ -55,7 +63,8 @@ def main() -> None:
     base = ppl(load(MemoryCheckpoint(dense.config, dense.tensors), progress=False))
     print(f"dense perplexity {base.perplexity:.3f} over {base.tokens} tokens", flush=True)
     t0 = time.perf_counter()
-    inputs = ffn_inputs(dense, tok.encode(calibration_text(), add_special_tokens=False), a.calibration_tokens)
+    calib_ids = tok.encode(calibration_text(), add_special_tokens=False)
+    inputs = ffn_inputs(dense, calib_ids, a.calibration_tokens)
     print(f"calibration: {inputs[0].shape[0]} tokens in {time.perf_counter() - t0:.0f} s", flush=True)
     rows = []
     for E in a.experts:
@@ -63,11 +72,12 @@ def main() -> None:
         for share in a.shares:
             K = round(share * E) - S
             for name in a.variants:
-                train, distill = VARIANTS[name]
-                cfg = ConvertConfig(E, K, S, train, distill, a.calibration_tokens)
-                out = Path(a.workdir) / f"e{E}-k{K}-s{S}-{int(train)}{int(distill)}"
+                train, distill, e2e = VARIANTS[name]
+                tune = FinetuneConfig(tokens=a.finetune_tokens if e2e else 0, lr=a.finetune_lr)
+                cfg = ConvertConfig(E, K, S, train, distill, a.calibration_tokens, finetune=tune)
+                out = Path(a.workdir) / f"e{E}-k{K}-s{S}-{int(train)}{int(distill)}{int(e2e)}"
                 shutil.rmtree(out, ignore_errors=True)
-                s = convert(dense, out, cfg, "", progress=False, inputs=inputs)
+                s = convert(dense, out, cfg, calib_ids, progress=e2e, inputs=inputs)
                 r = ppl(load(out, progress=False))
                 row = dict(
                     experts=E,
@@ -80,6 +90,8 @@ def main() -> None:
                     router_mass_recall=s.router_mass_recall,
                     convert_s=s.seconds,
                 )
+                if s.finetune:
+                    row.update(finetune=asdict(s.finetune), finetune_lr=a.finetune_lr)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 shutil.rmtree(out, ignore_errors=True)
@@ -97,14 +109,14 @@ def main() -> None:
 def table(res: dict) -> str:
     lines = [
         f"dense perplexity {res['dense_perplexity']:.3f}",
-        "| E | shared | top-k | active | centroid router | trained router | trained + distill |",
-        "|---|---|---|---|---|---|---|",
     ]
+    names = [n for n in VARIANTS if any(r["variant"] == n for r in res["rows"])]
+    lines += ["| E | shared | top-k | active | " + " | ".join(names) + " |", "|---" * (4 + len(names)) + "|"]
     keyed = {}
     for r in res["rows"]:
         keyed.setdefault((r["experts"], r["shared"], r["top_k"], r["active_share"]), {})[r["variant"]] = r
     for (E, S, K, share), v in keyed.items():
-        cells = [f"{v[n]['perplexity']:.2f} ({v[n]['ratio']:.2f}×)" if n in v else "–" for n in VARIANTS]
+        cells = [f"{v[n]['perplexity']:.2f} ({v[n]['ratio']:.2f}×)" if n in v else "–" for n in names]
         lines.append(f"| {E} | {S} | {K} | {100 * share:.0f}% | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 
 from ..convert.dense_to_moe import convert_path
+from ..convert.finetune import FinetuneConfig
 from ..convert.moefy import ConvertConfig
 from ..corpus import read_text
 
@@ -29,6 +31,18 @@ def add_parser(sub) -> None:
     d.add_argument("--calibration-tokens", type=int, default=32768)
     d.add_argument("--no-router-training", action="store_true", help="keep the centroid router")
     d.add_argument("--distill", action="store_true", help="refit down projections to the dense output")
+    d.add_argument(
+        "--finetune-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then train experts and routers end to end on N tokens against the dense model's "
+        "next-token distribution (KL); ~100 tokens/s on 2 CPU cores for a 135M model",
+    )
+    d.add_argument(
+        "--finetune-lr", type=float, default=FinetuneConfig.lr, help="per step, relative to each tensor's RMS"
+    )
+    d.add_argument("--finetune-frozen-router", action="store_true", help="fine-tune the experts only")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument(
         "--dtype",
@@ -48,11 +62,14 @@ def run(a) -> int:
         calibration_tokens=a.calibration_tokens,
         seed=a.seed,
         dtype=a.dtype,
+        finetune=FinetuneConfig(
+            tokens=a.finetune_tokens, lr=a.finetune_lr, train_router=not a.finetune_frozen_router, seed=a.seed
+        ),
     )
     text = "\n\n".join(read_text(f) for f in a.calibration)
     s = convert_path(a.src, a.out, cfg, text, progress=sys.stderr.isatty())
     if a.json:
-        print(json.dumps(s.__dict__, indent=2))
+        print(json.dumps(asdict(s), indent=2))
         return 0
     print(
         f"wrote {s.out}: {s.experts} experts of {s.expert_width} neurons per layer "
@@ -60,4 +77,10 @@ def run(a) -> int:
         f"per token | router picks {100 * s.router_mass_recall:.1f}% of the best top-k activation mass "
         f"| calibrated on {s.calibration_tokens} tokens | {s.seconds:.0f} s"
     )
+    if s.finetune:
+        f = s.finetune
+        print(
+            f"fine-tuned end to end on {f.tokens} tokens ({f.steps} steps, {f.seconds:.0f} s): held-out "
+            f"KL to the dense model {f.kl_before:.4f} -> {f.kl_after:.4f} nats/token"
+        )
     return 0

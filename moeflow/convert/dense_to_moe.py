@@ -13,6 +13,7 @@ from tqdm import tqdm
 from ..errors import ConfigError
 from .calibrate import ffn_inputs
 from .dense import DenseModel, read_dense, write_folder
+from .finetune import FinetuneStats, check_tokens, finetune
 from .moefy import SAVE_DTYPES, ConvertConfig, convert_layer, layer_tensors
 
 MODEL_TYPE = "moeflow_llama_moe"
@@ -29,6 +30,7 @@ class ConvertSummary:
     calibration_tokens: int
     router_mass_recall: float  # mean over layers: share of the best top-k mass the router picks
     seconds: float
+    finetune: FinetuneStats | None = None
 
 
 def moe_config(dense: DenseModel, cfg: ConvertConfig, n_tokens: int) -> dict:
@@ -56,22 +58,27 @@ def convert(
     inputs: list | None = None,
 ) -> ConvertSummary:
     """calibration: text, or token ids; inputs: FFN inputs already recorded by calibrate.ffn_inputs
-    (reused across conversions)."""
+    (reused across conversions; the end-to-end step still needs the calibration ids)."""
     t0 = time.perf_counter()
     cfg.check(dense.config["intermediate_size"])
+    ids = calibration if isinstance(calibration, list) else _encode(dense, calibration)
+    if cfg.finetune.tokens:
+        check_tokens(cfg.finetune, len(ids))  # before the slow layer-by-layer pass
     if inputs is None:
-        ids = calibration if isinstance(calibration, list) else _encode(dense, calibration)
         inputs = ffn_inputs(dense, ids, cfg.calibration_tokens, progress)
     inputs = list(inputs)  # entries are dropped as layers are done; the caller's list stays whole
     n_tokens = inputs[0].shape[0]
-    tensors = {k: v for k, v in dense.tensors.items() if ".mlp." not in k}
-    recall = []
+    layers = []
     for i in tqdm(range(dense.n_layers), desc="converting", unit="layer", disable=not progress):
-        gate, up, down = dense.ffn(i)
-        layer = convert_layer(inputs[i], gate, up, down, cfg)
+        layers.append(convert_layer(inputs[i], *dense.ffn(i), cfg))
         inputs[i] = None  # frees this layer's calibration states
-        tensors.update(layer_tensors(i, layer, gate, up))
-        recall.append(layer.stats.get("recall_trained", layer.stats["recall_centroid"]))
+    tuned = None
+    if cfg.finetune.tokens and cfg.top_k < cfg.routed:  # with every expert on, it is the dense model
+        tuned = finetune(dense, layers, ids, cfg.top_k, cfg.finetune, progress)
+    tensors = {k: v for k, v in dense.tensors.items() if ".mlp." not in k}
+    for i, layer in enumerate(layers):
+        tensors.update(layer_tensors(i, layer))
+    recall = [layer.stats.get("recall_trained", layer.stats["recall_centroid"]) for layer in layers]
     write_folder(out, moe_config(dense, cfg, n_tokens), saved_as(tensors, cfg.dtype), dense.tokenizer)
     return ConvertSummary(
         out=str(out),
@@ -83,6 +90,7 @@ def convert(
         calibration_tokens=n_tokens,
         router_mass_recall=float(np.mean(recall)),
         seconds=time.perf_counter() - t0,
+        finetune=tuned,
     )
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from .cluster import balanced_kmeans, groups
 from .distill import refit_down
+from .finetune import FinetuneConfig
 from .router import centroid_router, expert_mass, fit_router, mass_recall
 
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,6 +32,7 @@ class ConvertConfig:
     calibration_tokens: int = 32768
     seed: int = 0
     dtype: str = "float32"  # on disk; routers and norms stay float32 (routing is rounding-sensitive)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # end to end, after the layers
 
     @property
     def routed(self) -> int:
@@ -49,6 +51,7 @@ class ConvertConfig:
             raise ConfigError(f"--dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.dtype!r}")
         if self.calibration_tokens < 256:
             raise ConfigError(f"--calibration-tokens must be at least 256, got {self.calibration_tokens}")
+        self.finetune.check()
 
     def active_share(self) -> float:
         return (self.shared + self.top_k) / self.experts
@@ -59,7 +62,9 @@ class LayerMoE:
     shared: torch.Tensor  # [S*m] neuron indices of the shared expert (may be empty)
     experts: list[torch.Tensor]  # E' x [m] neuron indices
     router: torch.Tensor  # [E', H]
-    down: torch.Tensor  # [H, F] (refitted or original)
+    gate: torch.Tensor  # [F, H] (original, or trained end to end)
+    up: torch.Tensor  # [F, H]
+    down: torch.Tensor  # [H, F] (refitted, trained, or original)
     stats: dict = field(default_factory=dict)
 
 
@@ -90,7 +95,7 @@ def convert_layer(x: torch.Tensor, gate, up, down, cfg: ConvertConfig) -> LayerM
     if cfg.distill and cfg.top_k < cfg.routed:
         down = refit_down(acts, keep, dense_out, down)
     stats["output_error"] = float((dense_out - (acts * keep) @ down.T).norm() / dense_out.norm())
-    return LayerMoE(shared, experts, router, down, stats)
+    return LayerMoE(shared, experts, router, gate.clone(), up.clone(), down.clone(), stats)
 
 
 def _computed(x, router, experts, shared, width: int, k: int) -> torch.Tensor:
@@ -107,14 +112,14 @@ def _computed(x, router, experts, shared, width: int, k: int) -> torch.Tensor:
     return keep
 
 
-def layer_tensors(i: int, layer: LayerMoE, gate, up) -> dict[str, torch.Tensor]:
+def layer_tensors(i: int, layer: LayerMoE) -> dict[str, torch.Tensor]:
     """HF-style names of one converted layer, as moeflow_llama_moe reads them."""
     p = f"model.layers.{i}.mlp."
     out = {p + "gate.weight": layer.router.contiguous()}
     parts = [("shared_expert.", layer.shared)] if len(layer.shared) else []
     parts += [(f"experts.{e}.", g) for e, g in enumerate(layer.experts)]
     for prefix, idx in parts:
-        out[p + prefix + "gate_proj.weight"] = gate[idx].contiguous()
-        out[p + prefix + "up_proj.weight"] = up[idx].contiguous()
+        out[p + prefix + "gate_proj.weight"] = layer.gate[idx].contiguous()
+        out[p + prefix + "up_proj.weight"] = layer.up[idx].contiguous()
         out[p + prefix + "down_proj.weight"] = layer.down[:, idx].contiguous()
     return out

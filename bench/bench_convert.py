@@ -53,7 +53,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
     ap.add_argument("--finetune-tokens", type=int, default=65536, help="end-to-end variant's training tokens")
-    ap.add_argument("--finetune-lr", type=float, default=FinetuneConfig.lr)
+    ap.add_argument(
+        "--finetune-lr", type=float, nargs="+", default=[FinetuneConfig.lr], help="a run per rate"
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     dense = read_gguf(smollm2_gguf(), progress=False)
@@ -71,11 +73,15 @@ def main() -> None:
         S = max(1, round(E * a.shared_fraction))
         for share in a.shares:
             K = round(share * E) - S
-            for name in a.variants:
+            runs = [(n, lr) for n in a.variants for lr in (a.finetune_lr if VARIANTS[n][2] else [0.0])]
+            for name, lr in runs:
                 train, distill, e2e = VARIANTS[name]
-                tune = FinetuneConfig(tokens=a.finetune_tokens if e2e else 0, lr=a.finetune_lr)
+                tune = (
+                    FinetuneConfig(tokens=a.finetune_tokens, lr=lr, eval_every=8) if e2e else FinetuneConfig()
+                )
                 cfg = ConvertConfig(E, K, S, train, distill, a.calibration_tokens, finetune=tune)
                 out = Path(a.workdir) / f"e{E}-k{K}-s{S}-{int(train)}{int(distill)}{int(e2e)}"
+                label = f"{name} (lr {lr:g})" if len(a.finetune_lr) > 1 and e2e else name
                 shutil.rmtree(out, ignore_errors=True)
                 s = convert(dense, out, cfg, calib_ids, progress=e2e, inputs=inputs)
                 r = ppl(load(out, progress=False))
@@ -84,14 +90,14 @@ def main() -> None:
                     shared=S,
                     top_k=K,
                     active_share=cfg.active_share(),
-                    variant=name,
+                    variant=label,
                     perplexity=r.perplexity,
                     ratio=r.perplexity / base.perplexity,
                     router_mass_recall=s.router_mass_recall,
                     convert_s=s.seconds,
                 )
                 if s.finetune:
-                    row.update(finetune=asdict(s.finetune), finetune_lr=a.finetune_lr)
+                    row.update(finetune=asdict(s.finetune), finetune_lr=lr)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 shutil.rmtree(out, ignore_errors=True)
@@ -110,7 +116,7 @@ def table(res: dict) -> str:
     lines = [
         f"dense perplexity {res['dense_perplexity']:.3f}",
     ]
-    names = [n for n in VARIANTS if any(r["variant"] == n for r in res["rows"])]
+    names = list(dict.fromkeys(r["variant"] for r in res["rows"]))
     lines += ["| E | shared | top-k | active | " + " | ".join(names) + " |", "|---" * (4 + len(names)) + "|"]
     keyed = {}
     for r in res["rows"]:

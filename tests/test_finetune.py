@@ -39,7 +39,9 @@ def text() -> list[int]:
 
 
 def tuned(model, out, router: bool = True):
-    tune = FinetuneConfig(tokens=40 * 4 * WINDOW, lr=1e-2, window=WINDOW, batch=4, train_router=router)
+    tune = FinetuneConfig(
+        tokens=40 * 4 * WINDOW, lr=1e-2, window=WINDOW, batch=4, train_router=router, eval_every=10
+    )
     cfg = ConvertConfig(experts=8, top_k=2, shared=1, calibration_tokens=1024, finetune=tune)
     return convert(model, out, cfg, text(), progress=False)
 
@@ -59,6 +61,9 @@ def test_finetune_lowers_held_out_kl_and_the_checkpoint_computes_what_was_traine
     s = tuned(model, tmp_path / "moe")
     assert s.finetune is not None and s.finetune.steps == 40
     assert s.finetune.kl_after < 0.6 * s.finetune.kl_before
+    curve = s.finetune.curve  # held-out KL every 10 steps, from before the first to after the last
+    assert [t for t, _ in curve] == [0, 1280, 2560, 3840, 5120]
+    assert curve[0][1] == s.finetune.kl_before and curve[-1][1] == s.finetune.kl_after
     # the engine, loading the written checkpoint, sees the KL the trainer reported on its held-out windows
     val = _windows(text(), WINDOW)[-VALIDATION_WINDOWS:]
     assert abs(kl_of_checkpoint(model, tmp_path / "moe", val) - s.finetune.kl_after) <= 1e-4

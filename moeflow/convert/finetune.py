@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ class FinetuneConfig:
     batch: int = 8
     train_router: bool = True
     seed: int = 0
+    eval_every: int = 0  # steps between held-out KL measurements (the learning curve); 0 = ends only
 
     def check(self) -> None:
         if self.tokens < 0:
@@ -52,6 +53,7 @@ class FinetuneStats:
     kl_before: float  # mean per-token KL(dense || MoE) on held-out windows, nats
     kl_after: float
     seconds: float
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (tokens trained, held-out KL)
 
 
 class StudentFFN(nn.Module):
@@ -141,6 +143,7 @@ def finetune(
     val_teacher = _teacher(fwd, val)
     with torch.no_grad():
         before = _kl(fwd, students, val, val_teacher).item()
+    curve = [(0, before)]
     gen = torch.Generator().manual_seed(cfg.seed)
     order, cursor = torch.randperm(len(train), generator=gen), 0
     bar = tqdm(range(steps), desc="fine-tuning", unit="step", disable=not progress)
@@ -157,8 +160,14 @@ def finetune(
             loss.backward()
             opt.step()
             bar.set_postfix(kl=f"{loss.item():.4f}")
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
+                with torch.no_grad():
+                    curve.append(
+                        ((step + 1) * cfg.batch * cfg.window, _kl(fwd, students, val, val_teacher).item())
+                    )
     with torch.no_grad():
         after = _kl(fwd, students, val, val_teacher).item()
     for s, layer in zip(students, layers):
         s.write_back(layer)
-    return FinetuneStats(steps * cfg.batch * cfg.window, steps, before, after, time.perf_counter() - t0)
+    tokens = steps * cfg.batch * cfg.window
+    return FinetuneStats(tokens, steps, before, after, time.perf_counter() - t0, [*curve, (tokens, after)])

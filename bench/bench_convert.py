@@ -110,6 +110,33 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2))
     print(table(result))
+    if any(r.get("finetune", {}).get("curve") for r in rows):
+        plot_curves(result, Path(a.out).with_suffix(".png"))
+
+
+def plot_curves(res: dict, path: Path) -> None:
+    """Held-out KL to the dense model against end-to-end training tokens, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in res["rows"]:
+        if r.get("finetune", {}).get("curve"):
+            t, kl = zip(*r["finetune"]["curve"])
+            name = f"E={r['experts']} {100 * r['active_share']:.0f}% active, lr {r['finetune_lr']:g}"
+            ax.plot(
+                [x / 1000 for x in t], kl, marker="o", markersize=3, label=f"{name}: {r['ratio']:.2f}× ppl"
+            )
+    ax.set(xlabel="training tokens (thousands)", ylabel="held-out KL(dense || MoE), nats/token")
+    ax.set_title("End-to-end distillation of converted SmolLM2-135M")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"learning curves: {path}")
 
 
 def table(res: dict) -> str:

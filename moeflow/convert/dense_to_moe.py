@@ -62,7 +62,8 @@ def convert(
     t0 = time.perf_counter()
     cfg.check(dense.config["intermediate_size"])
     ids = calibration if isinstance(calibration, list) else _encode(dense, calibration)
-    if cfg.finetune.tokens:
+    tune = cfg.finetune.tokens > 0 and cfg.top_k < cfg.routed  # with every expert on, it is the dense model
+    if tune:
         check_tokens(cfg.finetune, len(ids))  # before the slow layer-by-layer pass
     if inputs is None:
         inputs = ffn_inputs(dense, ids, cfg.calibration_tokens, progress)
@@ -72,9 +73,7 @@ def convert(
     for i in tqdm(range(dense.n_layers), desc="converting", unit="layer", disable=not progress):
         layers.append(convert_layer(inputs[i], *dense.ffn(i), cfg))
         inputs[i] = None  # frees this layer's calibration states
-    tuned = None
-    if cfg.finetune.tokens and cfg.top_k < cfg.routed:  # with every expert on, it is the dense model
-        tuned = finetune(dense, layers, ids, cfg.top_k, cfg.finetune, progress)
+    tuned = finetune(dense, layers, ids, cfg.top_k, cfg.finetune, progress) if tune else None
     tensors = {k: v for k, v in dense.tensors.items() if ".mlp." not in k}
     for i, layer in enumerate(layers):
         tensors.update(layer_tensors(i, layer))

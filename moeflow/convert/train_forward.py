@@ -2,7 +2,7 @@
 
 The inference engine is built for decoding (paged KV cache, no autograd); end-to-end distillation
 needs whole windows at once with gradients, so this is a plain functional forward over the
-dense model's (frozen) tensors. Its logits equal the engine's (tests/test_convert.py)."""
+dense model's (frozen) tensors. Its logits equal transformers' (tests/test_finetune.py)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class LlamaForward:
         self.lm_head = self.t.get("lm_head.weight", self.t["model.embed_tokens.weight"])
 
     def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.args.norm_eps) * self.t[name]
+        return F.rms_norm(x, (x.shape[-1],), self.t[name], self.args.norm_eps)
 
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return F.linear(x, self.t[name + ".weight"], self.t.get(name + ".bias"))

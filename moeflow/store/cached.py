@@ -4,7 +4,7 @@ A store keeps a fixed set of slots (one contiguous buffer per expert, preallocat
 fast tier, an ExpertCache with a pluggable policy that decides which (layer, expert) keys hold
 them, and an optional predictor that names the next MoE layer's likely experts once a layer is
 routed. Subclasses say how bytes reach a slot from the slow tier: `_load` (demand misses, the
-layer waits), `_start` (a prefetch, nobody waits) and `_arrive` (a key about to be used must
+layer waits), `_start` (a prefetch, nobody waits) and `_arrive` (keys about to be used must
 have landed). Prediction only changes *when* bytes arrive, never which weights a layer uses:
 `fetch` always returns the exact experts asked for."""
 
@@ -70,8 +70,8 @@ class CachedExperts:
         """Starts filling the (already assigned) slot of a prefetched key; must not wait."""
         raise NotImplementedError
 
-    def _arrive(self, key: int) -> None:
-        """Key is about to be used: waits for its prefetch, if one is still under way."""
+    def _arrive(self, keys: list[int]) -> None:
+        """The keys are about to be used: waits for their prefetches, if any is still under way."""
 
     def _cancel(self, key: int) -> None:
         """Key leaves the cache: its slot is about to be reused, so nothing may still write it."""
@@ -107,14 +107,14 @@ class CachedExperts:
         t0 = time.perf_counter()
         keys = [li * self.n_experts + e for e in ids]
         try:
-            loaded = [int(k) for k in acc.loaded]
-            for key in loaded:
-                self.slot_of[key] = self.free.pop()
-            self._load(loaded)  # demand misses: read now
-            self.stats.demand_loads += len(loaded)
-            self.stats.demand_read_s += time.perf_counter() - t0
-            for key in keys:  # prefetched ones still on their way
-                self._arrive(key)
+            loaded = acc.loaded.tolist()
+            if loaded:
+                for key in loaded:
+                    self.slot_of[key] = self.free.pop()
+                self._load(loaded)  # demand misses: read now
+                self.stats.demand_loads += len(loaded)
+                self.stats.demand_read_s += time.perf_counter() - t0
+            self._arrive(keys)  # prefetched ones still on their way
         except BaseException:
             self._invalidate(keys)  # never leave a half-filled slot marked resident
             raise
@@ -152,8 +152,7 @@ class CachedExperts:
             return
         acc = self.cache.prefetch(self.index[layer], np.asarray(ids), self.step, protect=self.in_use)
         self._release(acc.evicted)
-        for key in acc.loaded:
-            key = int(key)
+        for key in acc.loaded.tolist():
             self.slot_of[key] = self.free.pop()
             self._start(key)
 
@@ -171,12 +170,11 @@ class CachedExperts:
         predictor runs after this layer's own misses are in, so it never delays them."""
         if self.index[layer] == 0:
             self.step += 1
-        used = frozenset(ids[ids >= 0].unique().tolist())
+        used = frozenset(ids.reshape(-1).tolist()) - {-1}  # (cheaper than a torch unique)
         self._routed = (layer, x, ids, used, set(used))  # the last set: experts not fetched yet
 
     def _release(self, evicted: np.ndarray) -> None:
-        for key in evicted:
-            key = int(key)
+        for key in evicted.tolist():
             self._cancel(key)
             self.free.append(int(self.slot_of[key]))
             self.slot_of[key] = -1

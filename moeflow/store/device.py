@@ -103,12 +103,13 @@ class DeviceExperts(CachedExperts):
         ((w13, w2),) = self._host_weights([key])
         self._copy(key, w13, w2)
 
-    def _arrive(self, key: int) -> None:
-        if key in self.on_host:
-            return  # computed on the host this time: nothing to wait for
-        done = self.ready.pop(key, None)
-        if done is not None:
-            torch.cuda.current_stream(self.device).wait_event(done)
+    def _arrive(self, keys: list[int]) -> None:
+        for key in keys:
+            if key in self.on_host:
+                continue  # computed on the host this time: nothing to wait for
+            done = self.ready.pop(key, None)
+            if done is not None:
+                torch.cuda.current_stream(self.device).wait_event(done)
 
     def _cancel(self, key: int) -> None:
         # a copy still in flight into this slot is ordered before any later copy into it (one

@@ -54,10 +54,12 @@ class TieredExperts(CachedExperts):
     def _start(self, key: int) -> None:
         self.inflight[key] = self.pool.submit(self._fill, key)
 
-    def _arrive(self, key: int) -> None:
-        fut = self.inflight.pop(key, None)
-        if fut is not None:
-            fut.result()
+    def _arrive(self, keys: list[int]) -> None:
+        if self.inflight:
+            for key in keys:
+                fut = self.inflight.pop(key, None)
+                if fut is not None:
+                    fut.result()
 
     def _cancel(self, key: int) -> None:
         fut = self.inflight.pop(key, None)

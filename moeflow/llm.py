@@ -59,6 +59,7 @@ class LLM:
         expert_trace: str | Path | None = None,
         host_memory: str | int | None = None,
         on_miss: str = "copy",
+        expert_io: str = "auto",
     ):
         """expert_memory: a budget ("2GiB", "25%", bytes) for experts in RAM; the rest are read from
         the checkpoint files on demand (None: every expert resident). expert_policy: cyclic, lru,
@@ -66,7 +67,8 @@ class LLM:
         routing trace of this model (`moeflow trace`) that pinned and cooccurrence learn from.
         With device="cuda", expert_memory is the GPU's budget over a RAM tier (host_memory: its
         budget, None for every expert in pinned RAM) and on_miss="cpu" computes a missed expert on
-        the CPU instead of waiting for its copy."""
+        the CPU instead of waiting for its copy. expert_io: how expert reads reach the disk, aio
+        (Linux native AIO), threads (a reader pool) or auto (aio where it works)."""
         store = StoreConfig(
             expert_memory,
             expert_policy,
@@ -75,6 +77,7 @@ class LLM:
             trace=None if expert_trace is None else str(expert_trace),
             host_memory=host_memory,
             on_miss=on_miss,
+            io=expert_io,
         )
         if threads:
             torch.set_num_threads(threads)

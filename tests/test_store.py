@@ -18,12 +18,33 @@ from moeflow.eval.trace import record, save
 from moeflow.eval.windows import run_windows, split
 from moeflow.llm import LLM
 from moeflow.loader.load import load
+from moeflow.store import aio
+from moeflow.store.aio_experts import AioExperts
+from moeflow.store.cached import CachedExperts
 from moeflow.store.config import StoreConfig
 from moeflow.store.tiered import TieredExperts
 
 PROMPTS = [[5, 17, 230, 9, 44, 1000, 3], [77, 12, 5, 600, 601, 2, 8, 9, 31, 40, 41]]
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 WINDOWS = [list(range(40, 88)), list(range(300, 340)), list(range(1000, 1030))]
+
+
+def _aio_here() -> bool:
+    """Linux AIO works and the test files' file system takes O_DIRECT (tmpfs does not)."""
+    import tempfile
+
+    if not aio.available() or not hasattr(os, "O_DIRECT"):
+        return False
+    with tempfile.NamedTemporaryFile() as f:
+        try:
+            os.close(os.open(f.name, os.O_RDONLY | os.O_DIRECT))
+        except OSError:
+            return False
+    return True
+
+
+# the store's two read paths; the single-expert matrix below runs the default ("auto": aio here)
+IO = ["threads", pytest.param("aio", marks=pytest.mark.skipif(not _aio_here(), reason="no AIO/O_DIRECT"))]
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +78,14 @@ def expert_bytes(path: Path) -> int:
 def run(path: Path, **store) -> tuple[list[list[int]], torch.Tensor, LLM]:
     llm = LLM(path, progress=False, **store)
     tiered = llm.loaded.experts
-    if isinstance(tiered, TieredExperts):
+    if isinstance(tiered, CachedExperts):
         check_budget(tiered)
     tokens = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
     logits = torch.cat([w.logits for w in run_windows(llm.loaded, WINDOWS, batch=2, progress=False)])
     return tokens, logits, llm
 
 
-def check_budget(store: TieredExperts) -> None:
+def check_budget(store: CachedExperts) -> None:
     """Wraps fetch and prefetch to assert the cache holds no more than its capacity at any time."""
     cap = store.cache.capacity
     limit = cap.total if cap.per_layer is None else cap.per_layer * len(store.layers)
@@ -115,14 +136,16 @@ def test_single_expert_budget_is_exact(top1_model, reference, traces, policy, pr
     assert stats["budget_bytes"] == n * expert_bytes(top1_model)
 
 
+@pytest.mark.parametrize("io", IO)
 @pytest.mark.parametrize("share", ["4", "25%", "50%", "90%"])
 @pytest.mark.parametrize("prefetch", ["lookahead", "cooccurrence"])
-def test_budgets_are_exact(chat_model, reference, traces, share, prefetch):
+def test_budgets_are_exact(chat_model, reference, traces, share, prefetch, io):
     """Top-4 of 16 experts; "4" = exactly one layer's top-k in all, the least that works."""
     budget = 4 * expert_bytes(chat_model) if share == "4" else share
     tokens, logits, llm = run(
-        chat_model, expert_memory=budget, prefetch=prefetch, expert_trace=traces["top4"]
+        chat_model, expert_memory=budget, prefetch=prefetch, expert_trace=traces["top4"], expert_io=io
     )
+    assert isinstance(llm.loaded.experts, AioExperts if io == "aio" else TieredExperts)
     assert_same((tokens, logits), reference["top4"])
     s = llm.expert_stats()
     assert s["precision"] is not None and 0 < s["recall"] <= 1
@@ -135,13 +158,14 @@ def test_fused_layout_is_exact(checkpoint):
     wins = split(list(range(2, 150)), 37)
     want = torch.cat([w.logits for w in run_windows(load(path, progress=False), wins, progress=False)])
     lm = load(path, progress=False, store=StoreConfig(expert_memory="40%", policy="lfu"))
-    assert isinstance(lm.experts, TieredExperts)
+    assert isinstance(lm.experts, CachedExperts)
     got = torch.cat([w.logits for w in run_windows(lm, wins, progress=False)])
     assert (got - want).abs().max().item() <= 1e-6
 
 
-def test_stats_count_reads(chat_model):
-    llm = LLM(chat_model, progress=False, expert_memory="25%", prefetch="none")
+@pytest.mark.parametrize("io", IO)
+def test_stats_count_reads(chat_model, io):
+    llm = LLM(chat_model, progress=False, expert_memory="25%", prefetch="none", expert_io=io)
     llm.generate(prompt_token_ids=PROMPTS[:1], sampling_params=GREEDY)
     s = llm.expert_stats()
     assert s["prefetches"] == 0 and s["precision"] is None
@@ -149,15 +173,16 @@ def test_stats_count_reads(chat_model):
     assert LLM(chat_model, progress=False).expert_stats() is None
 
 
+@pytest.mark.parametrize("io", IO)
 @pytest.mark.parametrize("prefetch", ["none", "lookahead"])
 def test_truncated_file_mid_run_is_an_error_and_leaves_no_bad_expert(
-    chat_model, reference, tmp_path, prefetch
+    chat_model, reference, tmp_path, prefetch, io
 ):
     """A read that comes up short raises; the experts it was filling leave the cache, so once the
     file is whole again the output is exactly right (no slot computes with partial bytes)."""
     path = tmp_path / "model"
     shutil.copytree(chat_model, path)
-    llm = LLM(path, progress=False, expert_memory="25%", prefetch=prefetch)
+    llm = LLM(path, progress=False, expert_memory="25%", prefetch=prefetch, expert_io=io)
     llm.generate(prompt_token_ids=PROMPTS[:1], sampling_params=GREEDY)
     (weights,) = path.glob("*.safetensors")
     whole = weights.read_bytes()
@@ -170,15 +195,52 @@ def test_truncated_file_mid_run_is_an_error_and_leaves_no_bad_expert(
     assert tokens == reference["top4"][0]
 
 
-def test_deleted_file_mid_run_keeps_serving(chat_model, reference, tmp_path):
+@pytest.mark.parametrize("io", IO)
+def test_deleted_file_mid_run_keeps_serving(chat_model, reference, tmp_path, io):
     """The open descriptor holds the inode: the original bytes are still read, exactly."""
     path = tmp_path / "model"
     shutil.copytree(chat_model, path)
-    llm = LLM(path, progress=False, expert_memory="25%")
+    llm = LLM(path, progress=False, expert_memory="25%", expert_io=io)
     for f in path.glob("*.safetensors"):
         f.unlink()
     tokens = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
     assert tokens == reference["top4"][0]
+
+
+@pytest.mark.skipif(not _aio_here(), reason="no AIO/O_DIRECT")
+def test_aio_prefetch_cancelled_in_flight_leaves_its_slot_clean(chat_model):
+    """A prefetched key evicted before its read lands frees its slot at once (the kernel writes
+    a bounce buffer, never the slot): the next key in that slot gets exactly its own bytes."""
+    resident = LLM(chat_model, progress=False).loaded.experts
+    llm = LLM(chat_model, progress=False, expert_memory=8 * expert_bytes(chat_model), expert_io="aio")
+    store = llm.loaded.experts
+    assert isinstance(store, AioExperts)
+    layer = store.layers[0]
+    for _ in range(3):
+        store.prefetch(layer, [0, 1, 2, 3])
+        store._invalidate([0, 1, 2, 3])  # evicted while in flight
+        got = store.fetch(layer, [4, 5, 6, 7])  # demand-read into the freed slots
+        for (g13, g2), (w13, w2) in zip(got, resident.fetch(layer, [4, 5, 6, 7])):
+            assert torch.equal(g13, w13) and torch.equal(g2, w2)
+        store._invalidate([4, 5, 6, 7])
+    store.close()
+    assert store.q.in_flight == 0
+
+
+def test_aio_is_refused_where_it_cannot_run(chat_model, monkeypatch):
+    """AIO reads asynchronously only with O_DIRECT: where files are read buffered (here forced by
+    keeping the page cache, as on a file system without O_DIRECT), io="aio" is one clear error
+    and "auto" falls back to reader threads."""
+    from moeflow.store import reader
+
+    monkeypatch.setattr(reader, "KEEP_PAGE_CACHE", True)
+    with pytest.raises(ConfigError, match="expert io aio needs"):
+        LLM(chat_model, progress=False, expert_memory="25%", expert_io="aio")
+    llm = LLM(chat_model, progress=False, expert_memory="25%")
+    assert isinstance(llm.loaded.experts, TieredExperts)
+    assert llm.expert_stats()["read_mode"] == "buffered (page cache kept)"
+    with pytest.raises(ConfigError, match="expert io must be auto, aio or threads"):
+        LLM(chat_model, progress=False, expert_memory="25%", expert_io="uring")
 
 
 def test_bad_budgets(chat_model, capsys):

@@ -56,6 +56,7 @@ def open_for_text(a):
         trace=a.expert_trace,
         host_memory=a.host_memory,
         on_miss=a.on_miss,
+        io=a.expert_io,
     )
     lm, tok = open_model(a.model, dtype, device, sys.stderr.isatty(), store)
     return lm, dtype, encode(tok, text)

@@ -19,6 +19,7 @@ def llm_from_args(a, **extra):
         expert_trace=a.expert_trace,
         host_memory=a.host_memory,
         on_miss=a.on_miss,
+        expert_io=a.expert_io,
         **extra,
     )
 
@@ -53,6 +54,12 @@ def add_store_args(p) -> None:
         default="none",
         help="prefetch predictor: lookahead (next layer's router), frequency, cooccurrence (learned "
         "from --expert-trace), none (default)",
+    )
+    p.add_argument(
+        "--expert-io",
+        default="auto",
+        help="how expert reads reach the disk: aio (Linux native AIO, no reader threads), threads "
+        "(a pool of reader threads), auto (default: aio where the files take O_DIRECT)",
     )
     p.add_argument(
         "--expert-trace",

@@ -10,11 +10,14 @@ from ..cache.capacity import CacheCapacity
 from ..cache.registry import PolicyContext, make_policy
 from ..errors import ConfigError
 from ..models.args import ModelArgs
+from . import aio
+from .aio_experts import AioExperts, usable
 from .budget import parse_size
 from .cached import SlotSpec
 from .config import StoreConfig
 from .extents import expert_map
 from .predict import model_trace
+from .reader import FileReader
 from .tiered import TieredExperts
 
 
@@ -71,4 +74,13 @@ def tiered_store(
         return None
     m = args.moe
     emap = expert_map(ckpt, canon, args.moe_layers, m.n_experts, m.intermediate, args.hidden)
+    if cfg.io != "threads" and aio.available():
+        reader = FileReader(sorted({x.file for runs in emap.extents.values() for x in runs}))
+        if usable(reader, emap):
+            return AioExperts(emap, spec, reader, pin)
+        reader.close()
+    if cfg.io == "aio":
+        raise ConfigError(
+            "expert io aio needs Linux AIO and checkpoint files that take O_DIRECT; use auto or threads"
+        )
     return TieredExperts(emap, spec, cfg.io_threads, pin)

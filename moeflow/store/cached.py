@@ -70,6 +70,11 @@ class CachedExperts:
         """Starts filling the (already assigned) slot of a prefetched key; must not wait."""
         raise NotImplementedError
 
+    def _start_all(self, keys: list[int]) -> None:
+        """Starts filling several keys' slots (a store that can submit a batch at once overrides this)."""
+        for key in keys:
+            self._start(key)
+
     def _arrive(self, keys: list[int]) -> None:
         """The keys are about to be used: waits for their prefetches, if any is still under way."""
 
@@ -152,9 +157,10 @@ class CachedExperts:
             return
         acc = self.cache.prefetch(self.index[layer], np.asarray(ids), self.step, protect=self.in_use)
         self._release(acc.evicted)
-        for key in acc.loaded.tolist():
+        loaded = acc.loaded.tolist()
+        for key in loaded:
             self.slot_of[key] = self.free.pop()
-            self._start(key)
+        self._start_all(loaded)
 
     def prefetch_room(self, ids: torch.Tensor) -> int:
         """How many experts to prefetch after a layer routed `ids` [T, K]: no more than that layer

@@ -15,7 +15,10 @@ class StoreConfig:
     policy: str = "cyclic"  # the best measured (BENCHMARKS.md); lru thrashes below a token's experts
     scope: str = "global"  # "global": layers share the budget; "layer": an equal share each
     prefetch: str = "none"  # on 2 vCPUs prefetch reads cost the compute more than they hide
-    io_threads: int = 4  # demand misses of one layer are read this many at a time
+    io_threads: int = 4  # demand misses of one layer are read this many at a time (io="threads")
+    # how reads reach the disk: "aio" (Linux native AIO, no reader threads), "threads" (a pool of
+    # reader threads), "auto" (aio where the files take O_DIRECT and the kernel has AIO)
+    io: str = "auto"
     trace: str | None = None  # a routing trace of this model: pinned's hot set, cooccurrence's fit
     # with an accelerator: expert_memory is the device's budget; host_memory the RAM tier's under
     # it (None: every expert in RAM); on_miss "cpu" computes a missed expert where it lives
@@ -34,6 +37,8 @@ class StoreConfig:
             )
         if self.on_miss not in ("copy", "cpu"):
             raise ConfigError(f"--on-miss must be copy or cpu, got {self.on_miss!r}")
+        if self.io not in ("auto", "aio", "threads"):
+            raise ConfigError(f"expert io must be auto, aio or threads, got {self.io!r}")
         if self.io_threads < 1:
             raise ConfigError(f"io_threads must be at least 1, got {self.io_threads}")
 

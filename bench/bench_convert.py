@@ -32,11 +32,12 @@ from moeflow.eval.perplexity import perplexity
 from moeflow.loader.checkpoint import MemoryCheckpoint
 from moeflow.loader.load import load
 
-VARIANTS = {  # (train router, layer-wise distillation, end-to-end distillation)
-    "centroid router": (False, False, False),
-    "trained router": (True, False, False),
-    "trained + distill": (True, True, False),
-    "+ end-to-end": (True, True, True),
+VARIANTS = {  # (train router, layer-wise distillation, end-to-end distillation: 0 no, 1 FFNs, 2 + attention)
+    "centroid router": (False, False, 0),
+    "trained router": (True, False, 0),
+    "trained + distill": (True, True, 0),
+    "+ end-to-end": (True, True, 1),
+    "+ end-to-end + attention": (True, True, 2),
 }
 DEFAULT_VARIANTS = ["centroid router", "trained router", "trained + distill"]
 
@@ -77,13 +78,15 @@ def main() -> None:
             for name, lr in runs:
                 train, distill, e2e = VARIANTS[name]
                 tune = (
-                    FinetuneConfig(tokens=a.finetune_tokens, lr=lr, eval_every=8) if e2e else FinetuneConfig()
+                    FinetuneConfig(tokens=a.finetune_tokens, lr=lr, train_attention=e2e == 2, eval_every=8)
+                    if e2e
+                    else FinetuneConfig()
                 )
                 cfg = ConvertConfig(E, K, S, train, distill, a.calibration_tokens, finetune=tune)
-                out = Path(a.workdir) / f"e{E}-k{K}-s{S}-{int(train)}{int(distill)}{int(e2e)}"
+                out = Path(a.workdir) / f"e{E}-k{K}-s{S}-{int(train)}{int(distill)}{e2e}"
                 label = f"{name} (lr {lr:g})" if len(a.finetune_lr) > 1 and e2e else name
                 shutil.rmtree(out, ignore_errors=True)
-                s = convert(dense, out, cfg, calib_ids, progress=e2e, inputs=inputs)
+                s = convert(dense, out, cfg, calib_ids, progress=bool(e2e), inputs=inputs)
                 r = ppl(load(out, progress=False))
                 row = dict(
                     experts=E,

@@ -38,9 +38,15 @@ def text() -> list[int]:
     return calibration(8 * WINDOW) * 8
 
 
-def tuned(model, out, router: bool = True):
+def tuned(model, out, router: bool = True, attention: bool = False):
     tune = FinetuneConfig(
-        tokens=40 * 4 * WINDOW, lr=1e-2, window=WINDOW, batch=4, train_router=router, eval_every=10
+        tokens=40 * 4 * WINDOW,
+        lr=1e-2,
+        window=WINDOW,
+        batch=4,
+        train_router=router,
+        train_attention=attention,
+        eval_every=10,
     )
     cfg = ConvertConfig(experts=8, top_k=2, shared=1, calibration_tokens=1024, finetune=tune)
     return convert(model, out, cfg, text(), progress=False)
@@ -56,9 +62,18 @@ def kl_of_checkpoint(model, folder, ids: torch.Tensor) -> float:
     return F.kl_div(logp, teacher, log_target=True, reduction="batchmean").item()
 
 
-def test_finetune_lowers_held_out_kl_and_the_checkpoint_computes_what_was_trained(dense, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("attention", [False, True])
+def test_finetune_lowers_held_out_kl_and_the_checkpoint_computes_what_was_trained(
+    dense,  # noqa: F811
+    tmp_path,
+    attention,
+):
+    """With attention trained too, the written checkpoint carries the trained projections (the
+    engine's KL equals the trainer's) and the dense model the teacher used is left unchanged."""
     model, _ = dense
-    s = tuned(model, tmp_path / "moe")
+    before = {k: v.clone() for k, v in model.tensors.items() if "self_attn" in k}
+    s = tuned(model, tmp_path / "moe", attention=attention)
+    assert all(torch.equal(model.tensors[k], v) for k, v in before.items())
     assert s.finetune is not None and s.finetune.steps == 40
     assert s.finetune.kl_after < 0.6 * s.finetune.kl_before
     curve = s.finetune.curve  # held-out KL every 10 steps, from before the first to after the last
@@ -69,6 +84,14 @@ def test_finetune_lowers_held_out_kl_and_the_checkpoint_computes_what_was_traine
     assert abs(kl_of_checkpoint(model, tmp_path / "moe", val) - s.finetune.kl_after) <= 1e-4
     cfg = json.loads((tmp_path / "moe" / "config.json").read_text())
     assert cfg["moeflow_conversion"]["finetune"]["tokens"] == 40 * 4 * WINDOW
+    assert cfg["moeflow_conversion"]["finetune"]["train_attention"] == attention
+    from safetensors.torch import load_file
+
+    saved = {}
+    for f in (tmp_path / "moe").glob("*.safetensors"):
+        saved |= load_file(f)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(saved[q].float(), model.tensors[q].float()) != attention
 
 
 def test_router_trains_unless_frozen(dense, tmp_path):  # noqa: F811

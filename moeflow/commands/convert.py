@@ -43,6 +43,11 @@ def add_parser(sub) -> None:
         "--finetune-lr", type=float, default=FinetuneConfig.lr, help="per step, relative to each tensor's RMS"
     )
     d.add_argument("--finetune-frozen-router", action="store_true", help="fine-tune the experts only")
+    d.add_argument(
+        "--finetune-attention",
+        action="store_true",
+        help="fine-tune the attention projections too (they adapt to the experts' errors)",
+    )
     d.add_argument("--seed", type=int, default=0)
     d.add_argument(
         "--dtype",
@@ -63,7 +68,11 @@ def run(a) -> int:
         seed=a.seed,
         dtype=a.dtype,
         finetune=FinetuneConfig(
-            tokens=a.finetune_tokens, lr=a.finetune_lr, train_router=not a.finetune_frozen_router, seed=a.seed
+            tokens=a.finetune_tokens,
+            lr=a.finetune_lr,
+            train_router=not a.finetune_frozen_router,
+            train_attention=a.finetune_attention,
+            seed=a.seed,
         ),
     )
     text = "\n\n".join(read_text(f) for f in a.calibration)

@@ -73,8 +73,8 @@ def convert(
     for i in tqdm(range(dense.n_layers), desc="converting", unit="layer", disable=not progress):
         layers.append(convert_layer(inputs[i], *dense.ffn(i), cfg))
         inputs[i] = None  # frees this layer's calibration states
-    tuned = finetune(dense, layers, ids, cfg.top_k, cfg.finetune, progress) if tune else None
-    tensors = {k: v for k, v in dense.tensors.items() if ".mlp." not in k}
+    tuned, trained = finetune(dense, layers, ids, cfg.top_k, cfg.finetune, progress) if tune else (None, {})
+    tensors = {k: v for k, v in dense.tensors.items() if ".mlp." not in k} | trained
     for i, layer in enumerate(layers):
         tensors.update(layer_tensors(i, layer))
     recall = [layer.stats.get("recall_trained", layer.stats["recall_centroid"]) for layer in layers]

@@ -5,7 +5,9 @@ distribution matches the dense model's (KL divergence), on calibration text.
 Why: layer-wise fitting cannot reach dense quality on SwiGLU models (bench_convert_oracle: even a
 perfect router over 128 clustered experts loses 1.63x); each layer's error is fitted in isolation
 and compounds over 30 layers, and only training through the network lets a layer correct for the
-ones before it. Attention, norms and embeddings stay frozen: the dense model's, unchanged."""
+ones before it. Norms and embeddings stay frozen; attention too unless `train_attention`, which
+lets it adapt to the experts' errors as well (its trained projections replace the dense ones in
+the written checkpoint)."""
 
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class FinetuneConfig:
     window: int = 256
     batch: int = 8
     train_router: bool = True
+    train_attention: bool = False  # also train the attention projections (q, k, v, o)
     seed: int = 0
     eval_every: int = 0  # steps between held-out KL measurements (the learning curve); 0 = ends only
 
@@ -112,6 +115,7 @@ def _windows(ids: list[int], window: int) -> torch.Tensor:
 
 
 def _kl(fwd: LlamaForward, students, batch: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """fwd: the student's forward (its attention, trained or not), students: its FFNs."""
     logp = torch.log_softmax(fwd.logits(batch, lambda i, x: students[i](x)), dim=-1)
     return F.kl_div(logp.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
 
@@ -123,26 +127,25 @@ def _teacher(fwd: LlamaForward, batch: torch.Tensor) -> torch.Tensor:
 
 def finetune(
     dense: DenseModel, layers: list, ids: list[int], top_k: int, cfg: FinetuneConfig, progress: bool = True
-) -> FinetuneStats:
-    """Trains `layers` (LayerMoE, updated in place) through the network on `ids`."""
+) -> tuple[FinetuneStats, dict[str, torch.Tensor]]:
+    """Trains `layers` (LayerMoE, updated in place) through the network on `ids`. Returns the
+    stats and the non-FFN tensors it trained (the attention projections, or none), by name."""
     t0 = time.perf_counter()
     check_tokens(cfg, len(ids))
     windows = _windows(ids, cfg.window)
     train, val = windows[:-VALIDATION_WINDOWS], windows[-VALIDATION_WINDOWS:]
-    fwd = LlamaForward(dense)
+    fwd = LlamaForward(dense)  # the teacher: the dense model as it is
+    student = LlamaForward(dense, cfg.train_attention)
     students = [StudentFFN(layer, top_k, cfg.train_router) for layer in layers]
-    groups = [
-        {"params": [p], "lr": cfg.lr * p.detach().pow(2).mean().sqrt().item()}
-        for s in students
-        for p in s.parameters()
-        if p.requires_grad
-    ]
+    params = [p for s in students for p in s.parameters() if p.requires_grad]
+    params += list(student.trainable.values())
+    groups = [{"params": [p], "lr": cfg.lr * p.detach().pow(2).mean().sqrt().item()} for p in params]
     opt = torch.optim.Adam(groups)
     base = [g["lr"] for g in opt.param_groups]
     steps = max(1, math.ceil(cfg.tokens / (cfg.batch * cfg.window)))
     val_teacher = _teacher(fwd, val)
     with torch.no_grad():
-        before = _kl(fwd, students, val, val_teacher).item()
+        before = _kl(student, students, val, val_teacher).item()
     curve = [(0, before)]
     gen = torch.Generator().manual_seed(cfg.seed)
     order, cursor = torch.randperm(len(train), generator=gen), 0
@@ -155,7 +158,7 @@ def finetune(
                 order, cursor = torch.randperm(len(train), generator=gen), 0
             batch = train[order[cursor : cursor + cfg.batch]]
             cursor += cfg.batch
-            loss = _kl(fwd, students, batch, _teacher(fwd, batch))
+            loss = _kl(student, students, batch, _teacher(fwd, batch))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -163,11 +166,12 @@ def finetune(
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
                 with torch.no_grad():
                     curve.append(
-                        ((step + 1) * cfg.batch * cfg.window, _kl(fwd, students, val, val_teacher).item())
+                        ((step + 1) * cfg.batch * cfg.window, _kl(student, students, val, val_teacher).item())
                     )
     with torch.no_grad():
-        after = _kl(fwd, students, val, val_teacher).item()
+        after = _kl(student, students, val, val_teacher).item()
     for s, layer in zip(students, layers):
         s.write_back(layer)
     tokens = steps * cfg.batch * cfg.window
-    return FinetuneStats(tokens, steps, before, after, time.perf_counter() - t0, [*curve, (tokens, after)])
+    stats = FinetuneStats(tokens, steps, before, after, time.perf_counter() - t0, [*curve, (tokens, after)])
+    return stats, {name: p.detach().clone() for name, p in student.trainable.items()}

@@ -18,10 +18,24 @@ from .dense import DenseModel
 FFN = Callable[[int, torch.Tensor], torch.Tensor]  # (layer, normed hidden [N, H]) -> [N, H]
 
 
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
 class LlamaForward:
-    def __init__(self, dense: DenseModel):
+    def __init__(self, dense: DenseModel, train_attention: bool = False):
+        """train_attention: the attention projections become trainable copies (`trainable`), the
+        dense model's tensors stay untouched (they are the teacher's)."""
         self.args = args_from_config(dense.config)
-        self.t = dense.tensors
+        self.t = dict(dense.tensors)
+        self.trainable: dict[str, torch.nn.Parameter] = {}
+        if train_attention:
+            for i in range(self.args.n_layers):
+                for n in ATTENTION:
+                    for kind in ("weight", "bias"):
+                        name = f"model.layers.{i}.self_attn.{n}.{kind}"
+                        if name in self.t:
+                            self.trainable[name] = torch.nn.Parameter(self.t[name].clone())
+            self.t.update(self.trainable)
         self.rotary = Rotary(self.args.attention.rope)
         self.lm_head = self.t.get("lm_head.weight", self.t["model.embed_tokens.weight"])
 

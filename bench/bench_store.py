@@ -436,6 +436,9 @@ def case_scale(a) -> dict:
         specs.append(
             base | {"name": f"{share:.0%} cyclic none", "budget": b, "policy": "cyclic", "prefetch": "none"}
         )
+    for spec in list(specs):  # the same with reader threads instead of Linux AIO
+        if spec["name"].startswith("naive") or spec["name"].endswith("cyclic none"):
+            specs.append(spec | {"name": spec["name"] + " threads", "io": "threads"})
     specs.append(base | {"name": "all in RAM", "record": False})
     disk_before = disk_probe(model)
     results = run_configs(specs, a.rounds, a.only)

@@ -145,7 +145,7 @@ def test_budgets_are_exact(chat_model, reference, traces, share, prefetch, io):
     tokens, logits, llm = run(
         chat_model, expert_memory=budget, prefetch=prefetch, expert_trace=traces["top4"], expert_io=io
     )
-    assert isinstance(llm.loaded.experts, AioExperts if io == "aio" else TieredExperts)
+    assert type(llm.loaded.experts) is (AioExperts if io == "aio" else TieredExperts)
     assert_same((tokens, logits), reference["top4"])
     s = llm.expert_stats()
     assert s["precision"] is not None and 0 < s["recall"] <= 1
@@ -227,6 +227,39 @@ def test_aio_prefetch_cancelled_in_flight_leaves_its_slot_clean(chat_model):
     assert store.q.in_flight == 0
 
 
+@pytest.mark.skipif(not _aio_here(), reason="no AIO/O_DIRECT")
+@pytest.mark.parametrize("buffers", [64, 4])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_aio_reads_in_chunks_are_exact(chat_model, monkeypatch, dtype, buffers):
+    """Experts larger than one read (here reads of 8 KiB, so chunk edges fall inside tensors and
+    across them), in the disk's dtype or converted into the slots' (bf16 slots over fp32 files);
+    with 4 bounce buffers, demand batches of more experts go to the reader threads instead."""
+    from moeflow.store import aio_experts
+
+    monkeypatch.setattr(aio_experts, "CHUNK", 8192)
+    monkeypatch.setattr(aio_experts, "BOUNCE_BYTES", buffers * 8192)
+    want = LLM(chat_model, progress=False, dtype=dtype)
+    llm = LLM(chat_model, progress=False, dtype=dtype, expert_memory="25%", prefetch="lookahead")
+    assert isinstance(llm.loaded.experts, AioExperts) and llm.loaded.experts._size == 8192
+    got = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
+    assert got == [o.token_ids for o in want.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
+    if dtype == "float32":  # (run_windows computes in float32)
+        a, b = (
+            torch.cat([w.logits for w in run_windows(m.loaded, WINDOWS, progress=False)]) for m in (llm, want)
+        )
+        assert torch.equal(a, b)
+    s = llm.expert_stats()
+    layer = llm.loaded.experts.layers[0]  # every expert of a layer, read in chunks, as resident
+    for e in range(0, 16, 4):
+        ids = list(range(e, e + 4))
+        for (g13, g2), (w13, w2) in zip(
+            llm.loaded.experts.fetch(layer, ids), want.loaded.experts.fetch(layer, ids)
+        ):
+            assert torch.equal(g13, w13) and torch.equal(g2, w2)
+    one = llm.loaded.experts.load_nbytes  # (prefetches still in flight are not counted yet)
+    assert s["misses"] * one <= s["bytes_read"] <= (s["misses"] + s["prefetches"]) * one
+
+
 def test_aio_is_refused_where_it_cannot_run(chat_model, monkeypatch):
     """AIO reads asynchronously only with O_DIRECT: where files are read buffered (here forced by
     keeping the page cache, as on a file system without O_DIRECT), io="aio" is one clear error
@@ -237,7 +270,7 @@ def test_aio_is_refused_where_it_cannot_run(chat_model, monkeypatch):
     with pytest.raises(ConfigError, match="expert io aio needs"):
         LLM(chat_model, progress=False, expert_memory="25%", expert_io="aio")
     llm = LLM(chat_model, progress=False, expert_memory="25%")
-    assert isinstance(llm.loaded.experts, TieredExperts)
+    assert type(llm.loaded.experts) is TieredExperts
     assert llm.expert_stats()["read_mode"] == "buffered (page cache kept)"
     with pytest.raises(ConfigError, match="expert io must be auto, aio or threads"):
         LLM(chat_model, progress=False, expert_memory="25%", expert_io="uring")

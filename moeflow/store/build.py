@@ -76,8 +76,8 @@ def tiered_store(
     emap = expert_map(ckpt, canon, args.moe_layers, m.n_experts, m.intermediate, args.hidden)
     if cfg.io != "threads" and aio.available():
         reader = FileReader(sorted({x.file for runs in emap.extents.values() for x in runs}))
-        if usable(reader, emap):
-            return AioExperts(emap, spec, reader, pin)
+        if usable(reader):
+            return AioExperts(emap, spec, reader, cfg.io_threads, pin)
         reader.close()
     if cfg.io == "aio":
         raise ConfigError(

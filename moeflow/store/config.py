@@ -14,7 +14,7 @@ class StoreConfig:
     expert_memory: str | int | None = None  # None: all experts resident; "2GiB", "25%", bytes
     policy: str = "cyclic"  # the best measured (BENCHMARKS.md); lru thrashes below a token's experts
     scope: str = "global"  # "global": layers share the budget; "layer": an equal share each
-    prefetch: str = "none"  # on 2 vCPUs prefetch reads cost the compute more than they hide
+    prefetch: str = "none"  # on 2 vCPUs its extra reads cost about what it hides (BENCHMARKS.md)
     io_threads: int = 4  # demand misses of one layer are read this many at a time (io="threads")
     # how reads reach the disk: "aio" (Linux native AIO, no reader threads), "threads" (a pool of
     # reader threads), "auto" (aio where the files take O_DIRECT and the kernel has AIO)

@@ -29,65 +29,25 @@ from moeflow.corpus import read_text
 from moeflow.engine.sampling import SamplingParams
 from moeflow.llm import LLM
 from moeflow.loader.checkpoint import Checkpoint
+from moeflow.store.aio import AioQueue
 from moeflow.tokenizer import encode
 
 NB = 336 * 1024
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-IO_SETUP, IO_GETEVENTS, IO_SUBMIT = 206, 208, 209  # x86_64 syscall numbers
-
-
-class _Iocb(ctypes.Structure):  # struct iocb (linux/aio_abi.h), little-endian x86_64
-    _fields_ = [
-        ("data", ctypes.c_uint64),
-        ("key", ctypes.c_uint32),
-        ("rw_flags", ctypes.c_int32),
-        ("opcode", ctypes.c_uint16),
-        ("reqprio", ctypes.c_int16),
-        ("fildes", ctypes.c_uint32),
-        ("buf", ctypes.c_uint64),
-        ("nbytes", ctypes.c_uint64),
-        ("offset", ctypes.c_int64),
-        ("reserved2", ctypes.c_uint64),
-        ("flags", ctypes.c_uint32),
-        ("resfd", ctypes.c_uint32),
-    ]
-
-
-class _Event(ctypes.Structure):
-    _fields_ = [
-        ("data", ctypes.c_uint64),
-        ("obj", ctypes.c_uint64),
-        ("res", ctypes.c_int64),
-        ("res2", ctypes.c_int64),
-    ]
 
 
 class Aio:
+    """Fire-and-forget reads on moeflow's AIO queue (the store's own path, minus the cache)."""
+
     def __init__(self, depth: int = 256):
-        self.ctx, self.depth = ctypes.c_ulong(0), depth
-        if _libc.syscall(IO_SETUP, ctypes.c_long(depth), ctypes.byref(self.ctx)) < 0:
-            raise OSError(ctypes.get_errno(), "io_setup")
-        self.events = (_Event * depth)()
-        self.live: dict[int, _Iocb] = {}  # submitted control blocks stay alive until reaped
+        self.q = AioQueue(depth)
 
     def submit(self, tag: int, fd: int, addr: int, nbytes: int, offset: int) -> None:
-        cb = _Iocb(data=tag, opcode=0, fildes=fd, buf=addr, nbytes=nbytes, offset=offset)  # 0: PREAD
-        if (
-            _libc.syscall(
-                IO_SUBMIT, self.ctx, ctypes.c_long(1), (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(cb))
-            )
-            != 1
-        ):
-            raise OSError(ctypes.get_errno(), "io_submit")
-        self.live[tag] = cb
+        if not self.q.free:
+            self.q.reap(1)
+        self.q.submit([(tag, fd, addr, nbytes, offset)])
 
     def reap(self) -> None:
-        n = _libc.syscall(
-            IO_GETEVENTS, self.ctx, ctypes.c_long(0), ctypes.c_long(self.depth), self.events, None
-        )
-        for i in range(max(n, 0)):
-            self.live.pop(self.events[i].data, None)
+        self.q.reap(0)
 
 
 def run(model: str, mode: str, per_layer: int, tokens: int, rounds: int) -> dict:

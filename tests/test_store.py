@@ -260,6 +260,41 @@ def test_aio_reads_in_chunks_are_exact(chat_model, monkeypatch, dtype, buffers):
     assert s["misses"] * one <= s["bytes_read"] <= (s["misses"] + s["prefetches"]) * one
 
 
+@pytest.mark.skipif(not _aio_here(), reason="no AIO/O_DIRECT")
+def test_aio_failures_leave_no_key_without_its_bytes(chat_model):
+    """A submission the kernel refuses (during a prefetch) or a read that fails on completion
+    (during a demand load) raises; the keys involved leave the cache, every bounce buffer comes
+    back, and the next request reads those experts afresh, exactly."""
+    import errno
+
+    resident = LLM(chat_model, progress=False).loaded.experts
+    llm = LLM(chat_model, progress=False, expert_memory=8 * expert_bytes(chat_model), expert_io="aio")
+    store = llm.loaded.experts
+    layer, ids, n_bufs = store.layers[0], [0, 1, 2, 3], len(store._free_bufs)
+    keys = [store.index[layer] * store.n_experts + e for e in ids]
+
+    def refused(batch):
+        raise OSError(errno.EIO, "io_submit: injected")
+
+    submit, store.q.submit = store.q.submit, refused
+    with pytest.raises(OSError, match="injected"):
+        store.prefetch(layer, ids)
+    store.q.submit = submit
+    copy = store._copy
+
+    def broken(*a):
+        raise CheckpointError("injected copy failure")
+
+    store._copy = broken
+    with pytest.raises(CheckpointError, match="injected"):
+        store.fetch(layer, ids)
+    store._copy = copy
+    assert not store.cache.resident[keys].any() and (store.slot_of[keys] < 0).all()
+    assert len(store._free_bufs) == n_bufs and not store._pending and not store._failed
+    for (g13, g2), (w13, w2) in zip(store.fetch(layer, ids), resident.fetch(layer, ids)):
+        assert torch.equal(g13, w13) and torch.equal(g2, w2)
+
+
 def test_aio_is_refused_where_it_cannot_run(chat_model, monkeypatch):
     """AIO reads asynchronously only with O_DIRECT: where files are read buffered (here forced by
     keeping the page cache, as on a file system without O_DIRECT), io="aio" is one clear error

@@ -37,9 +37,12 @@ def _chunks(run: Run, size: int) -> list[int]:
     return list(range(start, run.offset + run.nbytes, size))
 
 
-def usable(reader: FileReader) -> bool:
-    """AIO is asynchronous only for O_DIRECT reads."""
-    return reader.mode == "O_DIRECT"
+def usable(reader: FileReader, emap: ExpertMap) -> bool:
+    """AIO is asynchronous only for O_DIRECT reads; and pieces end on aligned file offsets, which
+    must not split an element (safetensors pads its header, so tensors start on one)."""
+    size = emap.dtype.itemsize
+    aligned = all(r.offset % size == 0 for runs in emap.extents.values() for r in runs)
+    return reader.mode == "O_DIRECT" and aligned
 
 
 class AioExperts(TieredExperts):
@@ -115,7 +118,7 @@ class AioExperts(TieredExperts):
                 for pos in _chunks(run, self._size):
                     if not self._free_bufs:  # every buffer in flight: send what is ready, free one
                         if batch:
-                            self.q.submit(batch)
+                            self._send(batch)
                             batch = []
                         self._complete(self.q.reap(1))
                     buf = self._free_bufs.pop()
@@ -125,7 +128,16 @@ class AioExperts(TieredExperts):
                     self._pending.setdefault(key, set()).add(self._tag)
                     batch.append((self._tag, fd, self._addrs[buf], min(self._size, end - pos), pos))
         if batch:
+            self._send(batch)
+
+    def _send(self, batch: list[tuple[int, int, int, int, int]]) -> None:
+        try:
             self.q.submit(batch)
+        except OSError as e:  # the reads not taken give their buffers back and fail their keys
+            for tag, *_ in batch:
+                if tag not in self.q.slot_of:
+                    self._finish(tag, e)
+            raise
 
     def _wait(self, keys: list[int]) -> None:
         while any(k in self._pending for k in keys):
@@ -136,29 +148,39 @@ class AioExperts(TieredExperts):
 
     def _complete(self, done: list[tuple[int, int]]) -> None:
         for tag, res in done:
-            key, run, buf, pos = self._reqs.pop(tag)
-            try:
-                lo, hi = max(pos, run.offset), min(pos + self._size, run.offset + run.nbytes)
-                if key < 0:  # its key left the cache meanwhile: the bytes were read all the same
-                    self.reader.bytes_read += max(0, min(hi, pos + res) - lo)
-                    continue
-                if res < 0:
-                    self._failed[key] = OSError(-res, f"reading {run.file.name}: {os.strerror(-res)}")
-                elif pos + res < hi:  # (the file's end may cut the aligned read, never the run)
-                    got = max(0, pos + res - run.offset)
-                    self._failed[key] = CheckpointError(
-                        f"{run.file.name} ended early: read {got} of {run.nbytes} bytes at offset "
-                        f"{run.offset} (file truncated or replaced while running)"
-                    )
-                else:
-                    self._copy(key, run, self._bufs[buf][lo - pos : hi - pos], lo - run.offset)
-                    self.reader.bytes_read += hi - lo
-                tags = self._pending[key]
+            self._finish(tag, res)
+
+    def _finish(self, tag: int, res: int | Exception) -> None:
+        """One read is over (res: bytes read, -errno, or why it never started): its bytes go to
+        the slot, or its key is marked failed; either way its buffer and tag are released."""
+        key, run, buf, pos = self._reqs.pop(tag)
+        try:
+            lo, hi = max(pos, run.offset), min(pos + self._size, run.offset + run.nbytes)
+            if isinstance(res, Exception):
+                raise res
+            if key < 0:  # its key left the cache meanwhile: the bytes were read all the same
+                self.reader.bytes_read += max(0, min(hi, pos + res) - lo)
+                return
+            if res < 0:
+                raise OSError(-res, f"reading {run.file.name}: {os.strerror(-res)}")
+            if pos + res < hi:  # (the file's end may cut the aligned read, never the run)
+                got = max(0, pos + res - run.offset)
+                raise CheckpointError(
+                    f"{run.file.name} ended early: read {got} of {run.nbytes} bytes at offset "
+                    f"{run.offset} (file truncated or replaced while running)"
+                )
+            self._copy(key, run, self._bufs[buf][lo - pos : hi - pos], lo - run.offset)
+            self.reader.bytes_read += hi - lo
+        except Exception as e:  # reported by the fetch that needs this key, not the one reaping
+            if key >= 0:
+                self._failed.setdefault(key, e)
+        finally:
+            self._free_bufs.append(buf)
+            tags = self._pending.get(key)
+            if tags is not None:
                 tags.discard(tag)
                 if not tags:
                     del self._pending[key]
-            finally:
-                self._free_bufs.append(buf)
 
     def _copy(self, key: int, run: Run, src: np.ndarray, at: int) -> None:
         """src: the run's bytes from `at` on (relative to the run's start), into their pieces."""

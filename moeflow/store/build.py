@@ -76,8 +76,13 @@ def tiered_store(
     emap = expert_map(ckpt, canon, args.moe_layers, m.n_experts, m.intermediate, args.hidden)
     if cfg.io != "threads" and aio.available():
         reader = FileReader(sorted({x.file for runs in emap.extents.values() for x in runs}))
-        if usable(reader):
-            return AioExperts(emap, spec, reader, cfg.io_threads, pin)
+        if usable(reader, emap):
+            try:
+                return AioExperts(emap, spec, reader, cfg.io_threads, pin)
+            except OSError as e:  # e.g. the system's AIO request limit (aio-max-nr) is used up
+                if cfg.io == "aio":
+                    reader.close()
+                    raise ConfigError(f"expert io aio: cannot set up Linux AIO: {e.strerror}") from None
         reader.close()
     if cfg.io == "aio":
         raise ConfigError(

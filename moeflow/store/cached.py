@@ -160,7 +160,11 @@ class CachedExperts:
         loaded = acc.loaded.tolist()
         for key in loaded:
             self.slot_of[key] = self.free.pop()
-        self._start_all(loaded)
+        try:
+            self._start_all(loaded)
+        except BaseException:
+            self._invalidate(loaded)  # none of them may stay resident without its bytes on the way
+            raise
 
     def prefetch_room(self, ids: torch.Tensor) -> int:
         """How many experts to prefetch after a layer routed `ids` [T, K]: no more than that layer

@@ -193,6 +193,16 @@ def summarise(r: dict) -> str:
     return f"{r['name']:<28} {r['decode_tps']:7.2f} tok/s  rss {r['peak_rss'] / 2**20:6.0f} MiB{extra}"
 
 
+def with_threads(specs: list[dict], endings: tuple[str, ...]) -> list[dict]:
+    """The naive runs and those whose names end with `endings` again, with reader threads
+    instead of Linux AIO (the default where it works), named "... threads"."""
+    return [
+        s | {"name": s["name"] + " threads", "io": "threads"}
+        for s in specs
+        if s["name"].startswith("naive") or s["name"].endswith(endings)
+    ]
+
+
 def run_configs(specs: list[dict], rounds: int, only: list[str] | None = None) -> list[dict]:
     """Each configuration `rounds` times, interleaved; keeps the median-speed result of each.
     `only`: run just the configurations whose names start with one of these."""
@@ -301,11 +311,7 @@ def case_real(a) -> dict:
         specs.append(base | {"name": f"25% {policy} lookahead", "budget": q, "policy": policy})
     for pred in ("none", "frequency", "cooccurrence"):
         specs.append(base | {"name": f"25% cyclic {pred}", "budget": q, "policy": "cyclic", "prefetch": pred})
-    # the same runs with reader threads instead of Linux AIO (the default where it works)
-    for spec in list(specs[1:]):
-        name = spec["name"]
-        if name.startswith("naive") or name.endswith(("cyclic none", "cyclic lookahead")):
-            specs.append(spec | {"name": spec["name"] + " threads", "io": "threads"})
+    specs += with_threads(specs[1:], ("cyclic none", "cyclic lookahead"))
     from moeflow.default_model import smollm2_gguf
 
     specs.append(base | {"name": "dense source (GGUF, fp32)", "model": str(smollm2_gguf())})
@@ -436,9 +442,7 @@ def case_scale(a) -> dict:
         specs.append(
             base | {"name": f"{share:.0%} cyclic none", "budget": b, "policy": "cyclic", "prefetch": "none"}
         )
-    for spec in list(specs):  # the same with reader threads instead of Linux AIO
-        if spec["name"].startswith("naive") or spec["name"].endswith("cyclic none"):
-            specs.append(spec | {"name": spec["name"] + " threads", "io": "threads"})
+    specs += with_threads(specs, ("cyclic none",))
     specs.append(base | {"name": "all in RAM", "record": False})
     disk_before = disk_probe(model)
     results = run_configs(specs, a.rounds, a.only)

@@ -78,7 +78,7 @@ class ExpertCache:
         hit = self.resident[keys]
         first_use = keys[hit & self.pending[keys]]
         new = keys[~hit]
-        evicted = self._make_room_one(layer, len(new), keys)
+        evicted = self._make_room(np.array([layer]), np.array([len(new)]), keys)
         self._insert(new, t)
         if len(first_use):
             self.pending[first_use] = False
@@ -121,7 +121,7 @@ class ExpertCache:
             self.capacity.check_fits(len(keys), "experts of a prefetch and of the layer running")
         absent = ~self.resident[keys]
         new = keys[absent]
-        evicted = self._make_room_one(layer, len(new), held)
+        evicted = self._make_room(np.array([layer]), np.array([len(new)]), held)
         self._insert(new, t)
         self.pending[new] = True
         self.stats.prefetches += len(new)
@@ -163,17 +163,6 @@ class ExpertCache:
             raise ValueError(f"expert id {ids.max()} out of range for {self.n_experts} experts")
         return layer * self.n_experts + ids
 
-    def _make_room_one(self, layer: int, incoming: int, held: np.ndarray) -> np.ndarray:
-        """_make_room for one layer, skipping the victim search when nothing has to go."""
-        if not incoming:
-            return _NONE
-        if self.capacity.per_layer is not None:
-            if self.count[layer] + incoming <= self.capacity.per_layer:
-                return _NONE
-        elif self._total + incoming <= self.capacity.total:
-            return _NONE
-        return self._make_room(np.array([layer]), np.array([incoming]), held)
-
     def _flat(self, layers: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Valid slots of [n, K] ids -> (row of each, flat key of each)."""
         layers = np.asarray(layers, dtype=np.int64)
@@ -198,6 +187,12 @@ class ExpertCache:
 
     def _make_room(self, layers: np.ndarray, incoming: np.ndarray, held: np.ndarray) -> np.ndarray:
         """Evicts what `incoming` new keys per row need, never a key of `held`; returns the victims."""
+        cap = self.capacity  # most requests fit: skip the victim search (the engine asks every layer)
+        if cap.per_layer is None:
+            if self._total + int(incoming.sum()) <= cap.total:
+                return _NONE
+        elif (self.count[layers] + incoming <= cap.per_layer).all():
+            return _NONE
         self._protect[held] = True
         try:
             if self.capacity.per_layer is not None:

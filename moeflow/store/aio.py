@@ -1,7 +1,7 @@
 """Linux native AIO (io_submit / io_getevents) through raw system calls, for O_DIRECT reads.
 
-The thread that wants bytes submits a batch of reads in one call and later reaps their
-completions; the kernel does the reading and no reader thread exists. That matters on a machine
+The thread that wants bytes submits reads and later reaps their completions; the kernel does
+the reading and no reader thread exists. That matters on a machine
 with few cores: reader threads need the GIL for the Python around every read, between the
 compute thread's ops, and their wake-ups compete with the compute threads for the cores.
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import platform
 
@@ -58,6 +59,7 @@ def _syscall():
     return _libc.syscall
 
 
+@functools.cache
 def available() -> bool:
     """Whether this machine has Linux AIO (a kernel built without it, or a sandbox forbidding
     it, fails io_setup)."""

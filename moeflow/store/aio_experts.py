@@ -1,7 +1,7 @@
 """A budgeted cache of experts in RAM over the checkpoint files, read through Linux AIO.
 
 The same store as TieredExperts, without reader threads: a demand miss's reads are submitted
-together and reaped by the thread that runs the model; a prefetch's reads are submitted and left
+and reaped by the thread that runs the model; a prefetch's reads are submitted and left
 in flight while the layer computes, and their completions are reaped (and copied into their slots)
 at the next fetch that finds them done, or that needs them. Every read goes through a page-aligned
 bounce buffer (O_DIRECT wants aligned file offsets and safetensors' are not), so a slot is never
@@ -31,10 +31,10 @@ BOUNCE_BYTES = 64 << 20  # all bounce buffers together: bounds the bytes in flig
 CHUNK = 4 << 20  # largest single read; a larger expert is read in several
 
 
-def _chunks(run: Run, size: int) -> list[int]:
-    """File offsets of the aligned reads of at most `size` bytes that cover a run."""
-    start = run.offset & ~(ALIGN - 1)
-    return list(range(start, run.offset + run.nbytes, size))
+def _chunks(run: Run, size: int) -> list[tuple[int, int]]:
+    """(file offset, length) of the aligned reads of at most `size` bytes that cover a run."""
+    start, end = run.offset & ~(ALIGN - 1), (run.offset + run.nbytes + ALIGN - 1) & ~(ALIGN - 1)
+    return [(pos, min(size, end - pos)) for pos in range(start, end, size)]
 
 
 def usable(reader: FileReader, emap: ExpertMap) -> bool:
@@ -114,8 +114,7 @@ class AioExperts(TieredExperts):
             layer, e = self.layers[key // self.n_experts], key % self.n_experts
             for run in self.map.extents[layer, e]:
                 fd = self.reader._direct[run.file]
-                end = (run.offset + run.nbytes + ALIGN - 1) & ~(ALIGN - 1)
-                for pos in _chunks(run, self._size):
+                for pos, length in _chunks(run, self._size):
                     if not self._free_bufs:  # every buffer in flight: send what is ready, free one
                         if batch:
                             self._send(batch)
@@ -126,7 +125,7 @@ class AioExperts(TieredExperts):
                     self._reqs[self._tag] = (key, run, buf, pos)
                     # (re-fetched: the reap above may have completed, and dropped, the key's set)
                     self._pending.setdefault(key, set()).add(self._tag)
-                    batch.append((self._tag, fd, self._addrs[buf], min(self._size, end - pos), pos))
+                    batch.append((self._tag, fd, self._addrs[buf], length, pos))
         if batch:
             self._send(batch)
 

@@ -74,18 +74,17 @@ def tiered_store(
         return None
     m = args.moe
     emap = expert_map(ckpt, canon, args.moe_layers, m.n_experts, m.intermediate, args.hidden)
-    if cfg.io != "threads" and aio.available():
-        reader = FileReader(sorted({x.file for runs in emap.extents.values() for x in runs}))
-        if usable(reader, emap):
-            try:
-                return AioExperts(emap, spec, reader, cfg.io_threads, pin)
-            except OSError as e:  # e.g. the system's AIO request limit (aio-max-nr) is used up
-                if cfg.io == "aio":
-                    reader.close()
-                    raise ConfigError(f"expert io aio: cannot set up Linux AIO: {e.strerror}") from None
+    reader = FileReader(emap.files)  # opened once, whichever store reads through it
+    if cfg.io != "threads" and aio.available() and usable(reader, emap):
+        try:
+            return AioExperts(emap, spec, reader, cfg.io_threads, pin)
+        except OSError as e:  # e.g. the system's AIO request limit (aio-max-nr) is used up
+            if cfg.io == "aio":
+                reader.close()
+                raise ConfigError(f"expert io aio: cannot set up Linux AIO: {e.strerror}") from None
+    elif cfg.io == "aio":
         reader.close()
-    if cfg.io == "aio":
         raise ConfigError(
             "expert io aio needs Linux AIO and checkpoint files that take O_DIRECT; use auto or threads"
         )
-    return TieredExperts(emap, spec, cfg.io_threads, pin)
+    return TieredExperts(emap, spec, cfg.io_threads, pin, reader)

@@ -63,6 +63,10 @@ class ExpertMap:
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
 
+    @property
+    def files(self) -> list[Path]:
+        return sorted({x.file for runs in self.extents.values() for x in runs})
+
 
 def _dtype(ckpt: Checkpoint, name: str) -> torch.dtype:
     kind = ckpt.header[name]["dtype"]

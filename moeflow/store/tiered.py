@@ -18,10 +18,17 @@ from .reader import FileReader
 
 
 class TieredExperts(CachedExperts):
-    def __init__(self, emap: ExpertMap, spec: SlotSpec, io_threads: int = 4, pin: bool = False, reader=None):
+    def __init__(
+        self,
+        emap: ExpertMap,
+        spec: SlotSpec,
+        io_threads: int = 4,
+        pin: bool = False,
+        reader: FileReader | None = None,  # the checkpoint's files, already open
+    ):
         super().__init__(spec, pin=pin)
         self.map = emap
-        self.reader = reader or FileReader(sorted({x.file for runs in emap.extents.values() for x in runs}))
+        self.reader = reader or FileReader(emap.files)
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="moeflow-prefetch")
         self.demand = (
             ThreadPoolExecutor(io_threads, thread_name_prefix="moeflow-read") if io_threads > 1 else None

@@ -28,7 +28,8 @@ class Policy(Protocol):
         """The keys left the cache."""
 
     def priority(self, keys: np.ndarray) -> np.ndarray:
-        """float64 rank of each key; the cache evicts the lowest among those not in use."""
+        """float64 rank of each key, a new array (the cache marks it); the cache evicts the
+        lowest among those not in use."""
 
 
 class LRU:
@@ -158,6 +159,7 @@ class Cyclic(Reuse):
         self.n_layers, self.n_experts = n_layers, n_experts
         self.full = -np.log2(1 - 2 ** (-1 / half_life))  # log2 count of a key used every token
         self.layer = 0  # the layer running now (the last one touched)
+        self.layer_of = np.arange(n_layers * n_experts) // n_experts
         self.t = 0
 
     def touch(self, keys: np.ndarray, t: int) -> None:
@@ -166,9 +168,20 @@ class Cyclic(Reuse):
             self.layer, self.t = int(keys[0]) // self.n_experts, t
 
     def priority(self, keys: np.ndarray) -> np.ndarray:
+        # (in place, on one array: asked on every miss, for every resident key)
         L = self.n_layers
-        ahead = (keys // self.n_experts - self.layer - 1) % L  # layers until the key's layer runs
+        ahead = self.layer_of[keys]
+        ahead -= self.layer + 1
+        ahead %= L  # layers until the key's layer runs
         # log2 of the rate p: the decayed count at token t relative to an always-used key's
-        log_p = np.minimum(self.score[keys] - self.t / self.half_life - self.full, 0.0)
-        skipped = np.exp2(-np.maximum(log_p, -60.0)) - 1.0  # tokens expected between uses
-        return -(ahead + L * skipped)  # lowest goes first: the furthest next use
+        r = self.score[keys]
+        r -= self.t / self.half_life
+        r -= self.full
+        np.minimum(r, 0.0, out=r)
+        np.maximum(r, -60.0, out=r)
+        np.negative(r, out=r)
+        np.exp2(r, out=r)
+        r -= 1.0  # tokens expected between uses
+        r *= L
+        r += ahead
+        return np.negative(r, out=r)  # lowest goes first: the furthest next use

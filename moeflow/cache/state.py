@@ -60,6 +60,9 @@ class ExpertCache:
         self.count = np.zeros(n_layers, dtype=np.int64)  # resident keys per layer
         self._protect = np.zeros(n, dtype=bool)  # in use by the current request: never a victim
         self._total = 0  # resident keys in all (count.sum(), kept as an int: asked every request)
+        # the same flags as bytes, for the one-key-at-a-time reads of the engine's paths
+        self._res, self._pend = _bytes(self.resident), _bytes(self.pending)
+        self._prot = _bytes(self._protect)
         self.stats = CacheStats()
 
     def __len__(self) -> int:
@@ -70,24 +73,29 @@ class ExpertCache:
         return keys // self.n_experts, keys % self.n_experts
 
     def request(self, layer: int, ids, t: int) -> Access:
-        """Layer `layer` of token t runs on experts `ids` (-1 = unused slot): all must be resident.
-        The engine's path, once per MoE layer per step: the same as `request_layers` with one
-        row, written for a few dozen keys, where each numpy call's overhead is the cost."""
+        """Layer `layer` of token t runs on experts `ids` (-1 = unused slot; a repeated id is one
+        key): all must be resident. The engine's path, once per MoE layer per step: the same as
+        `request_layers` with one row, written for a handful of keys, where each numpy call costs
+        more than the arithmetic (several µs each between the model's kernels), so membership is
+        read and written one key at a time through byte views of the flag arrays."""
         keys = self._keys(layer, ids)
         self.capacity.check_fits(len(keys), "experts of one layer-step")
-        hit = self.resident[keys]
-        first_use = keys[hit & self.pending[keys]]
-        new = keys[~hit]
-        evicted = self._make_room(np.array([layer]), np.array([len(new)]), keys)
-        self._insert(new, t)
-        if len(first_use):
-            self.pending[first_use] = False
-        self.policy.touch(keys, t)
+        res, pend = self._res, self._pend
+        new = [k for k in keys if not res[k]]
+        first_use = [k for k in keys if pend[k]]  # (pending keys are resident)
+        evicted = self._make_room_one(layer, len(new), keys)
+        if new:
+            self._insert_one(layer, new, t)
+        for k in first_use:
+            pend[k] = False
+        self.policy.touch(np.array(keys, dtype=np.int64), t)
         s = self.stats
         n_hit = len(keys) - len(new)
         s.accesses, s.hits, s.misses = s.accesses + len(keys), s.hits + n_hit, s.misses + len(new)
         s.prefetch_hits += len(first_use)
-        return Access(np.array([n_hit]), np.array([len(new)]), np.array([len(first_use)]), new, evicted)
+        return Access(
+            np.array([n_hit]), np.array([len(new)]), np.array([len(first_use)]), _array(new), evicted
+        )
 
     def request_layers(self, layers: np.ndarray, ids: np.ndarray, t: int) -> Access:
         """Several distinct layers of token t at once ([n] layers, [n, K] ids). Only a per-layer
@@ -109,23 +117,27 @@ class ExpertCache:
             _per_row(rows, hit, n), _per_row(rows, ~hit, n), _per_row(rows, first_use, n), new, evicted
         )
 
-    def prefetch(self, layer: int, ids, t: int, protect: np.ndarray | None = None) -> Access:
+    def prefetch(self, layer: int, ids, t: int, protect=None) -> Access:
         """Bring in experts `ids` of `layer` ahead of token t's use, counting no demand access.
         `protect`: keys in use right now (the running layer's), which must stay. The engine's
         path, like `request`."""
         keys = self._keys(layer, ids)
-        held = keys if protect is None or not len(protect) else np.concatenate([keys, protect])
+        held = keys if protect is None or not len(protect) else keys + [int(k) for k in protect]
         if self.capacity.per_layer is None:  # (per layer, only this layer's keys compete)
-            self.capacity.check_fits(len(np.unique(held)), "experts of a prefetch and of the layer running")
+            self.capacity.check_fits(len(set(held)), "experts of a prefetch and of the layer running")
         else:
             self.capacity.check_fits(len(keys), "experts of a prefetch and of the layer running")
-        absent = ~self.resident[keys]
-        new = keys[absent]
-        evicted = self._make_room(np.array([layer]), np.array([len(new)]), held)
-        self._insert(new, t)
-        self.pending[new] = True
+        res, pend = self._res, self._pend
+        new = [k for k in keys if not res[k]]
+        evicted = self._make_room_one(layer, len(new), held)
+        if new:
+            self._insert_one(layer, new, t)
+            for k in new:
+                pend[k] = True
         self.stats.prefetches += len(new)
-        return Access(np.array([len(keys) - len(new)]), np.array([len(new)]), np.zeros(1, int), new, evicted)
+        return Access(
+            np.array([len(keys) - len(new)]), np.array([len(new)]), np.zeros(1, int), _array(new), evicted
+        )
 
     def prefetch_layers(
         self, layers: np.ndarray, ids: np.ndarray, t: int, protect: np.ndarray | None = None
@@ -154,14 +166,17 @@ class ExpertCache:
             self.policy.forget(keys)
         return keys
 
-    def _keys(self, layer: int, ids) -> np.ndarray:
-        """One layer's expert ids (-1 = unused) -> their flat keys."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if len(ids) and ids.min() < 0:
-            ids = ids[ids >= 0]
-        if len(ids) and ids.max() >= self.n_experts:
-            raise ValueError(f"expert id {ids.max()} out of range for {self.n_experts} experts")
-        return layer * self.n_experts + ids
+    def _keys(self, layer: int, ids) -> list[int]:
+        """One layer's expert ids (-1 = unused) -> their distinct flat keys, in first-seen order."""
+        E, base = self.n_experts, layer * self.n_experts
+        keys = []
+        for e in ids.tolist() if hasattr(ids, "tolist") else ids:  # (ndarray, tensor or list)
+            e = int(e)
+            if e >= E:
+                raise ValueError(f"expert id {e} out of range for {E} experts")
+            if e >= 0 and base + e not in keys:  # (a token running fewer than k repeats one)
+                keys.append(base + e)
+        return keys
 
     def _flat(self, layers: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Valid slots of [n, K] ids -> (row of each, flat key of each)."""
@@ -185,6 +200,37 @@ class ExpertCache:
                 raise ValueError("a request names the same layer twice")
             self.capacity.check_fits(int(np.bincount(rows).max()), what)
 
+    def _make_room_one(self, layer: int, incoming: int, held: list[int]) -> np.ndarray:
+        """_make_room for one layer's `incoming` new keys, `held` given as a list."""
+        cap = self.capacity
+        if cap.per_layer is None:
+            need = self._total + incoming - cap.total
+        else:
+            need = int(self.count[layer]) + incoming - cap.per_layer
+        if need <= 0:  # most requests fit: no victim search (the engine asks every layer)
+            return _NONE
+        prot = self._prot
+        for k in held:
+            prot[k] = True
+        try:
+            if cap.per_layer is not None:
+                victims = self._victims_per_layer(np.array([layer]), np.array([incoming]))
+            else:
+                victims = self._victims_global(incoming)
+        finally:
+            for k in held:
+                prot[k] = False
+        self._evict(victims)
+        return victims
+
+    def _insert_one(self, layer: int, new: list[int], t: int) -> None:
+        res = self._res
+        for k in new:
+            res[k] = True
+        self.count[layer] += len(new)
+        self._total += len(new)
+        self.policy.admit(np.array(new, dtype=np.int64), t)
+
     def _make_room(self, layers: np.ndarray, incoming: np.ndarray, held: np.ndarray) -> np.ndarray:
         """Evicts what `incoming` new keys per row need, never a key of `held`; returns the victims."""
         cap = self.capacity  # most requests fit: skip the victim search (the engine asks every layer)
@@ -201,15 +247,22 @@ class ExpertCache:
                 victims = self._victims_global(int(incoming.sum()))
         finally:
             self._protect[held] = False
-        if len(victims):
-            self.resident[victims] = False
-            self.count -= np.bincount(victims // self.n_experts, minlength=self.n_layers)
-            self._total -= len(victims)
-            self.stats.wasted_prefetches += int(self.pending[victims].sum())
-            self.pending[victims] = False
-            self.policy.forget(victims)
-            self.stats.evictions += len(victims)
+        self._evict(victims)
         return victims
+
+    def _evict(self, victims: np.ndarray) -> None:
+        if not len(victims):
+            return
+        res, pend, s = self._res, self._pend, self.stats
+        for k in victims.tolist():  # (a few per request: cheaper one by one than as array ops)
+            res[k] = False
+            if pend[k]:
+                pend[k] = False
+                s.wasted_prefetches += 1
+            self.count[k // self.n_experts] -= 1
+        self._total -= len(victims)
+        self.policy.forget(victims)
+        s.evictions += len(victims)
 
     def _victims_per_layer(self, layers: np.ndarray, incoming: np.ndarray) -> np.ndarray:
         need = self.count[layers] + incoming - self.capacity.per_layer
@@ -226,11 +279,19 @@ class ExpertCache:
         need = len(self) + incoming - self.capacity.total
         if need <= 0:
             return _NONE
-        candidates = np.flatnonzero(self.resident & ~self._protect)
+        candidates = np.flatnonzero(self.resident > self._protect)  # resident and not protected
         rank = self.policy.priority(candidates)
-        if need == 1:
-            i = int(rank.argmin())  # the first of equals
-            return candidates[i : i + 1]
+        if need <= 4:  # (a token's misses in one layer: a few argmins beat a sort of every key)
+            chosen = []
+            for _ in range(need):
+                i = int(rank.argmin())  # the first of equals, as the stable sort below
+                if rank[i] == np.inf:  # (only infinite ranks left: marking no longer works)
+                    break
+                chosen.append(i)
+                rank[i] = np.inf  # (the policy's rank array is fresh: ours to mark)
+            else:
+                return candidates[sorted(chosen)]
+            rank[chosen] = -np.inf  # (taken first again below, in the same order of keys)
         # a stable sort puts the lower key first among equal ranks, as _lowest does; on one row of
         # a few hundred keys it is several times cheaper than _lowest's partition and masks
         return candidates[np.sort(np.argsort(rank, kind="stable")[:need])]
@@ -241,6 +302,16 @@ class ExpertCache:
             self.count += np.bincount(keys // self.n_experts, minlength=self.n_layers)
             self._total += len(keys)
             self.policy.admit(keys, t)
+
+
+def _bytes(flags: np.ndarray) -> memoryview:
+    """A bool array's memory as a writable view of one byte per flag: indexing it from Python
+    costs tens of ns, a numpy scalar read or write a few hundred."""
+    return flags.view(np.uint8).data.cast("B")
+
+
+def _array(keys: list[int]) -> np.ndarray:
+    return np.array(keys, dtype=np.int64) if keys else _NONE
 
 
 def _per_row(rows: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:

@@ -63,3 +63,17 @@ def topk_sum(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tens
     layer output is the plain sum of the chosen slices of the original FFN."""
     ids = torch.topk(logits.float(), top_k, dim=-1).indices
     return torch.ones(ids.shape, dtype=torch.float32, device=ids.device), ids
+
+
+def picks_top_logits(route, has_bias: bool) -> bool:
+    """Whether `route` (a routing function, or a partial of one) chooses exactly the top-k
+    experts by raw logit: true of softmax and sigmoid scores (monotonic) unless a bias or group
+    limits reorder them. Lets a caller that needs only the choice (prefetch look-ahead) skip the
+    scoring."""
+    func = getattr(route, "func", route)
+    groups = getattr(route, "keywords", {}).get("n_group", 1)
+    if func in (softmax_topk, topk_sum):
+        return True
+    if func is softmax_group_topk:
+        return groups <= 1
+    return func is sigmoid_group_topk and groups <= 1 and not has_bias

@@ -47,13 +47,14 @@ class CachedExperts:
         capacity = spec.capacity
         self.cache = ExpertCache(len(self.layers), self.n_experts, capacity, spec.policy)
         n_slots = capacity.size * (len(self.layers) if capacity.scope == "layer" else 1)
-        # the whole budget, allocated once
-        self.slots = torch.empty(n_slots, spec.numel, dtype=spec.dtype, device=device, pin_memory=pin)
+        self.slots = self._new_slots(n_slots, spec, device, pin)  # the whole budget, allocated once
         I, H = spec.inter, spec.hidden  # each slot's [gate | up] and down views, made once (~10 µs each)
-        self.slot_views = [(b[: 2 * I * H].view(2 * I, H), b[2 * I * H :].view(H, I)) for b in self.slots]
+        self.slot_views = [
+            (b[: 2 * I * H].view(2 * I, H), b[2 * I * H : 3 * I * H].view(H, I)) for b in self.slots
+        ]
         self.slot_of = np.full(len(self.layers) * self.n_experts, -1, dtype=np.int64)
         self.free = list(range(n_slots - 1, -1, -1))
-        self.in_use = np.zeros(0, dtype=np.int64)
+        self.in_use: list[int] = []  # the keys of the layer running now
         self.step = 0
         self.stats = StoreStats()
         self.predictor = None  # an EnginePredictor (store.predict): names the next layer's experts
@@ -61,6 +62,10 @@ class CachedExperts:
         self._guess: dict[int, set[int]] = {}  # layer index -> experts predicted for its next use
 
     # ---- what a subclass provides
+
+    def _new_slots(self, n_slots: int, spec: SlotSpec, device, pin: bool) -> torch.Tensor:
+        """[n_slots, >= spec.numel] of spec.dtype: one row per slot."""
+        return torch.empty(n_slots, spec.numel, dtype=spec.dtype, device=device, pin_memory=pin)
 
     def _load(self, keys: list[int]) -> None:
         """Fills the (already assigned) slots of demand-missed keys; returns once they are usable."""
@@ -124,19 +129,19 @@ class CachedExperts:
             self._invalidate(keys)  # never leave a half-filled slot marked resident
             raise
         self.stats.stall_s += time.perf_counter() - t0
-        self.in_use = np.asarray(keys, dtype=np.int64)
+        self.in_use = keys
         routed = self._routed
         if routed is not None and routed[0] == layer:
             routed[4].difference_update(ids)
             if not routed[4]:  # this layer's last group is in: start the next layer's reads
                 self._routed = None
-                self._predict(li, *routed[1:4])
+                self._predict(li, *routed[1:4], routed[5])
         return self._weights(keys)
 
     def _weights(self, keys: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [self._views(k) for k in keys]
 
-    def _predict(self, li: int, x: torch.Tensor, ids: torch.Tensor, used: frozenset[int]) -> None:
+    def _predict(self, li: int, x: torch.Tensor, ids: torch.Tensor, used: frozenset[int], picks: int) -> None:
         guess = self._guess.pop(li, None)
         if guess is not None:  # score the guess made for this layer
             s = self.stats
@@ -145,7 +150,9 @@ class CachedExperts:
                 s.used + len(used),
                 s.predicted_used + len(guess & used),
             )
-        nxt = self.predictor.next_experts(li, x, ids, self.prefetch_room(ids)) if self.predictor else None
+        if self.predictor is None:
+            return
+        nxt = self.predictor.next_experts(li, x, ids, self.prefetch_room(picks, ids.shape[0]))
         if nxt is not None:
             nli, chosen = nxt
             self.prefetch(self.layers[nli], chosen)
@@ -155,7 +162,7 @@ class CachedExperts:
         """Starts bringing in experts `ids` of `layer`; never evicts the running layer's."""
         if not len(ids):
             return
-        acc = self.cache.prefetch(self.index[layer], np.asarray(ids), self.step, protect=self.in_use)
+        acc = self.cache.prefetch(self.index[layer], ids, self.step, protect=self.in_use)
         self._release(acc.evicted)
         loaded = acc.loaded.tolist()
         for key in loaded:
@@ -166,22 +173,24 @@ class CachedExperts:
             self._invalidate(loaded)  # none of them may stay resident without its bytes on the way
             raise
 
-    def prefetch_room(self, ids: torch.Tensor) -> int:
-        """How many experts to prefetch after a layer routed `ids` [T, K]: no more than that layer
-        used, plus the predictor's margin (a guess much beyond it mostly evicts useful experts), and
-        no more than fit beside the running layer's."""
+    def prefetch_room(self, picks: int, tokens: int) -> int:
+        """How many experts to prefetch after a layer routed `tokens` tokens to `picks` experts in
+        all: no more than that layer used, plus the predictor's margin per token (a guess much
+        beyond it mostly evicts useful experts), and no more than fit beside the running layer's."""
         cap = self.cache.capacity
         room = cap.per_layer if cap.scope == "layer" else max(0, cap.total - len(self.in_use))
         margin = getattr(self.predictor, "margin", 0)
-        return min(room, int((ids >= 0).sum()) + margin * ids.shape[0])
+        return min(room, picks + margin * tokens)
 
     def on_route(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> None:
         """Called by the MoE block once layer `layer` is routed (x: its input, ids [T, K]); the
         predictor runs after this layer's own misses are in, so it never delays them."""
         if self.index[layer] == 0:
             self.step += 1
-        used = frozenset(ids.reshape(-1).tolist()) - {-1}  # (cheaper than a torch unique)
-        self._routed = (layer, x, ids, used, set(used))  # the last set: experts not fetched yet
+        flat = ids.reshape(-1).tolist()  # (python from here: cheaper than torch ops on a few ids)
+        used = frozenset(flat) - {-1}
+        picks = len(flat) - flat.count(-1)
+        self._routed = (layer, x, ids, used, set(used), picks)  # set(used): experts not fetched yet
 
     def _release(self, evicted: np.ndarray) -> None:
         for key in evicted.tolist():

@@ -17,6 +17,7 @@ import torch
 
 from ..cache.predictors import CoOccurrence, Predictor, RecentFrequency
 from ..errors import ConfigError
+from ..layers.routing import picks_top_logits
 from ..sim.trace import Trace, load_trace
 
 PREDICTORS = ("none", "lookahead", "frequency", "cooccurrence")
@@ -41,18 +42,28 @@ class Lookahead:
         self.blocks = [model.model.layers[i].mlp for i in moe_layers]
         self.margin = max(1, top_k // 4) if margin is None else margin
         self.top_k = min(n_experts, top_k + self.margin)
+        # routers whose choice is the top logits need no scoring: their weights and one topk (this
+        # runs once per layer per token, where each torch call costs several µs)
+        self.direct = [
+            b.gate.weight if picks_top_logits(b.route, b.gate.e_score_correction_bias is not None) else None
+            for b in self.blocks
+        ]
 
     def next_experts(self, li: int, x: torch.Tensor, ids: torch.Tensor, room: int):
         if li + 1 >= len(self.blocks):  # the next token's first layer needs that token's state
             return None
-        block = self.blocks[li + 1]
+        block, weight = self.blocks[li + 1], self.direct[li + 1]
         with torch.no_grad():
-            logits = block.gate(x)
-            try:
-                _, guess = block._route(logits, self.top_k)
-            except (RuntimeError, ValueError):  # a routing that cannot pick more (group limits)
-                self.top_k, self.margin = block.m.top_k, 0
-                _, guess = block._route(logits, self.top_k)
+            if weight is not None:  # (the logits Router computes: fp32 input and weights)
+                w = weight if weight.dtype == torch.float32 else weight.float()
+                guess = torch.topk(torch.nn.functional.linear(x.float(), w), self.top_k, dim=-1).indices
+            else:
+                logits = block.gate(x)
+                try:
+                    _, guess = block._route(logits, self.top_k)
+                except (RuntimeError, ValueError):  # a routing that cannot pick more (group limits)
+                    self.top_k, self.margin = block.m.top_k, 0
+                    _, guess = block._route(logits, self.top_k)
         return li + 1, by_votes(guess, room)
 
 
@@ -73,11 +84,10 @@ class History:
         return nxt, self.p.predict(nxt, t, min(room, self.p.n_experts))
 
 
-def by_votes(ids: torch.Tensor, room: int) -> np.ndarray:
+def by_votes(ids: torch.Tensor, room: int) -> np.ndarray | list[int]:
     """The experts most tokens picked, at most `room` of them (ties: the lower id)."""
     if ids.shape[0] == 1:  # one token (decode): its experts are distinct already, best first
-        row = ids[0].numpy()
-        return row[row >= 0][:room]
+        return [e for e in ids[0].tolist() if e >= 0][:room]
     flat = ids.reshape(-1).numpy()
     experts, votes = np.unique(flat[flat >= 0], return_counts=True)
     return experts[np.argsort(-votes, kind="stable")[:room]]

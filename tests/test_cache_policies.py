@@ -199,3 +199,16 @@ def test_cyclic_prefers_the_layer_that_runs_next():
     rank = p.priority(np.array([0, 4, 8, 12]))  # expert 0 of layers 0..3, equally popular
     assert rank.argmax() == 2  # layer 2 runs next: keep it longest
     assert rank.argmin() == 1  # layer 1 just ran: its next use is furthest
+
+
+@pytest.mark.parametrize("capacity", [CacheCapacity(per_layer=2), CacheCapacity(total=2)])
+def test_repeated_id_is_one_key(capacity):
+    """A token running fewer than k experts repeats one id in its slots: one key, loaded once."""
+    cache = build("lru", np.zeros((1, 2, 1), np.int16), 4, capacity)
+    acc = cache.request(0, [1, 2, 1, -1], 0)
+    assert acc.loaded.tolist() == [1, 2] and cache.count.tolist() == [2, 0] and len(cache) == 2
+    acc = cache.request(0, [2, 2], 1)
+    assert acc.hits[0] == 1 and acc.misses[0] == 0 and cache.stats.accesses == 3
+    cache.prefetch(1, [3, 3], 1, protect=[2, 2])  # one global slot: evicts key 1, not in use
+    left = [2, 7] if capacity.scope == "global" else [1, 2, 7]
+    assert cache.resident.nonzero()[0].tolist() == left and cache.stats.prefetches == 1

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from ..errors import CheckpointError, UnsupportedModelError
 from ..loader.checkpoint import Checkpoint
 from ..tokenizer import load_tokenizer
+from .aligned import align_data
 
 DENSE_TYPES = ("llama",)
 
@@ -59,6 +60,7 @@ def write_folder(out: Path, config: dict, tensors: dict[str, torch.Tensor], toke
     tmp = out.with_name(out.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
+    align_data(tmp / "model.safetensors")  # experts readable straight into cache slots
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)

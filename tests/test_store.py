@@ -18,7 +18,8 @@ from moeflow.eval.trace import record, save
 from moeflow.eval.windows import run_windows, split
 from moeflow.llm import LLM
 from moeflow.loader.load import load
-from moeflow.store import aio
+from moeflow.store import aio, build
+from moeflow.store.aio_direct import AioDirectExperts
 from moeflow.store.aio_experts import AioExperts
 from moeflow.store.cached import CachedExperts
 from moeflow.store.config import StoreConfig
@@ -43,8 +44,22 @@ def _aio_here() -> bool:
     return True
 
 
-# the store's two read paths; the single-expert matrix below runs the default ("auto": aio here)
-IO = ["threads", pytest.param("aio", marks=pytest.mark.skipif(not _aio_here(), reason="no AIO/O_DIRECT"))]
+# the store's read paths: reader threads, and Linux AIO either straight into the slots (where the
+# checkpoint's layout allows, as the test models' does) or through bounce buffers; the
+# single-expert matrix below runs the default ("auto": aio into the slots here)
+_NO_AIO = pytest.mark.skipif(not _aio_here(), reason="no AIO/O_DIRECT")
+IO_PATHS = {"threads": TieredExperts, "aio": AioDirectExperts, "aio-bounce": AioExperts}
+
+
+@pytest.fixture(
+    params=["threads", pytest.param("aio", marks=_NO_AIO), pytest.param("aio-bounce", marks=_NO_AIO)]
+)
+def io(request, monkeypatch):
+    """The read path's name; "aio-bounce" is io="aio" with the in-slot layout turned down."""
+    if request.param == "aio-bounce":
+        monkeypatch.setattr(build, "direct_layout", lambda *a: None)
+        return "aio"
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -136,16 +151,15 @@ def test_single_expert_budget_is_exact(top1_model, reference, traces, policy, pr
     assert stats["budget_bytes"] == n * expert_bytes(top1_model)
 
 
-@pytest.mark.parametrize("io", IO)
 @pytest.mark.parametrize("share", ["4", "25%", "50%", "90%"])
 @pytest.mark.parametrize("prefetch", ["lookahead", "cooccurrence"])
-def test_budgets_are_exact(chat_model, reference, traces, share, prefetch, io):
+def test_budgets_are_exact(chat_model, reference, traces, share, prefetch, io, request):
     """Top-4 of 16 experts; "4" = exactly one layer's top-k in all, the least that works."""
     budget = 4 * expert_bytes(chat_model) if share == "4" else share
     tokens, logits, llm = run(
         chat_model, expert_memory=budget, prefetch=prefetch, expert_trace=traces["top4"], expert_io=io
     )
-    assert type(llm.loaded.experts) is (AioExperts if io == "aio" else TieredExperts)
+    assert type(llm.loaded.experts) is IO_PATHS[request.node.callspec.params["io"]]
     assert_same((tokens, logits), reference["top4"])
     s = llm.expert_stats()
     assert s["precision"] is not None and 0 < s["recall"] <= 1
@@ -163,7 +177,6 @@ def test_fused_layout_is_exact(checkpoint):
     assert (got - want).abs().max().item() <= 1e-6
 
 
-@pytest.mark.parametrize("io", IO)
 def test_stats_count_reads(chat_model, io):
     llm = LLM(chat_model, progress=False, expert_memory="25%", prefetch="none", expert_io=io)
     llm.generate(prompt_token_ids=PROMPTS[:1], sampling_params=GREEDY)
@@ -173,7 +186,6 @@ def test_stats_count_reads(chat_model, io):
     assert LLM(chat_model, progress=False).expert_stats() is None
 
 
-@pytest.mark.parametrize("io", IO)
 @pytest.mark.parametrize("prefetch", ["none", "lookahead"])
 def test_truncated_file_mid_run_is_an_error_and_leaves_no_bad_expert(
     chat_model, reference, tmp_path, prefetch, io
@@ -195,7 +207,6 @@ def test_truncated_file_mid_run_is_an_error_and_leaves_no_bad_expert(
     assert tokens == reference["top4"][0]
 
 
-@pytest.mark.parametrize("io", IO)
 def test_deleted_file_mid_run_keeps_serving(chat_model, reference, tmp_path, io):
     """The open descriptor holds the inode: the original bytes are still read, exactly."""
     path = tmp_path / "model"
@@ -207,14 +218,22 @@ def test_deleted_file_mid_run_keeps_serving(chat_model, reference, tmp_path, io)
     assert tokens == reference["top4"][0]
 
 
-@pytest.mark.skipif(not _aio_here(), reason="no AIO/O_DIRECT")
-def test_aio_prefetch_cancelled_in_flight_leaves_its_slot_clean(chat_model):
-    """A prefetched key evicted before its read lands frees its slot at once (the kernel writes
-    a bounce buffer, never the slot): the next key in that slot gets exactly its own bytes."""
+@pytest.fixture(params=[pytest.param("aio", marks=_NO_AIO), pytest.param("aio-bounce", marks=_NO_AIO)])
+def aio_path(request, monkeypatch):
+    """The two AIO stores: reads straight into the slots, or through bounce buffers."""
+    if request.param == "aio-bounce":
+        monkeypatch.setattr(build, "direct_layout", lambda *a: None)
+    return IO_PATHS[request.param]
+
+
+def test_aio_prefetch_cancelled_in_flight_leaves_its_slot_clean(chat_model, aio_path):
+    """A prefetched key evicted before its read lands gives up its slot (at once where the kernel
+    writes a bounce buffer, once the read lands where it writes the slot): the next key in that
+    slot gets exactly its own bytes."""
     resident = LLM(chat_model, progress=False).loaded.experts
     llm = LLM(chat_model, progress=False, expert_memory=8 * expert_bytes(chat_model), expert_io="aio")
     store = llm.loaded.experts
-    assert isinstance(store, AioExperts)
+    assert type(store) is aio_path
     layer = store.layers[0]
     for _ in range(3):
         store.prefetch(layer, [0, 1, 2, 3])
@@ -227,20 +246,23 @@ def test_aio_prefetch_cancelled_in_flight_leaves_its_slot_clean(chat_model):
     assert store.q.in_flight == 0
 
 
-@pytest.mark.skipif(not _aio_here(), reason="no AIO/O_DIRECT")
-@pytest.mark.parametrize("buffers", [64, 4])
+@pytest.mark.parametrize("depth", [64, 4])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_aio_reads_in_chunks_are_exact(chat_model, monkeypatch, dtype, buffers):
+def test_aio_reads_in_chunks_are_exact(chat_model, monkeypatch, aio_path, dtype, depth):
     """Experts larger than one read (here reads of 8 KiB, so chunk edges fall inside tensors and
-    across them), in the disk's dtype or converted into the slots' (bf16 slots over fp32 files);
-    with 4 bounce buffers, demand batches of more experts go to the reader threads instead."""
-    from moeflow.store import aio_experts
+    across them), in the disk's dtype or converted into the slots' (bf16 slots over fp32 files,
+    always through bounce buffers); with 4 reads in flight, a demand batch of more experts goes
+    to the reader threads (bounce buffers) or in waves (into the slots)."""
+    from moeflow.store import aio_direct, aio_experts
 
     monkeypatch.setattr(aio_experts, "CHUNK", 8192)
-    monkeypatch.setattr(aio_experts, "BOUNCE_BYTES", buffers * 8192)
+    monkeypatch.setattr(aio_experts, "BOUNCE_BYTES", depth * 8192)
+    monkeypatch.setattr(aio_direct, "DEPTH", depth)
     want = LLM(chat_model, progress=False, dtype=dtype)
     llm = LLM(chat_model, progress=False, dtype=dtype, expert_memory="25%", prefetch="lookahead")
-    assert isinstance(llm.loaded.experts, AioExperts) and llm.loaded.experts._size == 8192
+    store = llm.loaded.experts
+    assert type(store) is (aio_path if dtype == "float32" else AioExperts)
+    assert store.q.depth == depth and getattr(store, "_size", 8192) == 8192
     got = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
     assert got == [o.token_ids for o in want.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
     if dtype == "float32":  # (run_windows computes in float32)
@@ -249,19 +271,16 @@ def test_aio_reads_in_chunks_are_exact(chat_model, monkeypatch, dtype, buffers):
         )
         assert torch.equal(a, b)
     s = llm.expert_stats()
-    layer = llm.loaded.experts.layers[0]  # every expert of a layer, read in chunks, as resident
+    layer = store.layers[0]  # every expert of a layer, read in chunks, as resident
     for e in range(0, 16, 4):
         ids = list(range(e, e + 4))
-        for (g13, g2), (w13, w2) in zip(
-            llm.loaded.experts.fetch(layer, ids), want.loaded.experts.fetch(layer, ids)
-        ):
+        for (g13, g2), (w13, w2) in zip(store.fetch(layer, ids), want.loaded.experts.fetch(layer, ids)):
             assert torch.equal(g13, w13) and torch.equal(g2, w2)
-    one = llm.loaded.experts.load_nbytes  # (prefetches still in flight are not counted yet)
+    one = store.load_nbytes  # (prefetches still in flight are not counted yet)
     assert s["misses"] * one <= s["bytes_read"] <= (s["misses"] + s["prefetches"]) * one
 
 
-@pytest.mark.skipif(not _aio_here(), reason="no AIO/O_DIRECT")
-def test_aio_failures_leave_no_key_without_its_bytes(chat_model):
+def test_aio_failures_leave_no_key_without_its_bytes(chat_model, aio_path):
     """A submission the kernel refuses (during a prefetch) or a read that fails on completion
     (during a demand load) raises; the keys involved leave the cache, every bounce buffer comes
     back, and the next request reads those experts afresh, exactly."""
@@ -270,7 +289,9 @@ def test_aio_failures_leave_no_key_without_its_bytes(chat_model):
     resident = LLM(chat_model, progress=False).loaded.experts
     llm = LLM(chat_model, progress=False, expert_memory=8 * expert_bytes(chat_model), expert_io="aio")
     store = llm.loaded.experts
-    layer, ids, n_bufs = store.layers[0], [0, 1, 2, 3], len(store._free_bufs)
+    assert type(store) is aio_path
+    layer, ids = store.layers[0], [0, 1, 2, 3]
+    n_bufs = len(getattr(store, "_free_bufs", ()))
     keys = [store.index[layer] * store.n_experts + e for e in ids]
 
     def refused(batch):
@@ -280,17 +301,21 @@ def test_aio_failures_leave_no_key_without_its_bytes(chat_model):
     with pytest.raises(OSError, match="injected"):
         store.prefetch(layer, ids)
     store.q.submit = submit
-    copy = store._copy
+    reap = store.q.reap
 
-    def broken(*a):
-        raise CheckpointError("injected copy failure")
+    def failing(least):  # the first read to complete comes back as an I/O error
+        done = reap(least)
+        if done:
+            done[0] = (done[0][0], -errno.EIO)
+            store.q.reap = reap
+        return done
 
-    store._copy = broken
-    with pytest.raises(CheckpointError, match="injected"):
+    store.q.reap = failing
+    with pytest.raises(OSError, match="Input/output error"):
         store.fetch(layer, ids)
-    store._copy = copy
+    assert store.q.reap == reap
     assert not store.cache.resident[keys].any() and (store.slot_of[keys] < 0).all()
-    assert len(store._free_bufs) == n_bufs and not store._pending and not store._failed
+    assert len(getattr(store, "_free_bufs", ())) == n_bufs and not store._pending and not store._failed
     for (g13, g2), (w13, w2) in zip(store.fetch(layer, ids), resident.fetch(layer, ids)):
         assert torch.equal(g13, w13) and torch.equal(g2, w2)
 
@@ -397,3 +422,28 @@ def test_device_tier_bad_configs(chat_model):
     llm = LLM(chat_model, progress=False, expert_memory=4 * expert_bytes(chat_model))
     with pytest.raises(ConfigError, match="give the host at least the device's budget"):
         on_device_tier(llm, 8 * expert_bytes(chat_model), "copy", "none")
+
+
+def test_direct_layout_only_where_reads_can_land_in_place():
+    """Reads go straight into the slots only where every expert is one run, in the slots' dtype,
+    with [gate | up] adjacent and each matrix 64-byte aligned in the file."""
+    from moeflow.store.aio_direct import direct_layout
+    from moeflow.store.extents import ExpertMap, Run
+
+    I, H, f = 4, 16, Path("m.safetensors")
+    m = I * H * 4  # bytes of one fp32 matrix
+
+    def emap(*runs, dtype=torch.float32):
+        return ExpertMap({(0, e): list(r) for e, r in enumerate(runs)}, dtype, 3 * I * H)
+
+    per_expert = [(2 * I * H, m), (0, m), (I * H, m)]  # safetensors' order: down, gate, up
+    good = emap([Run(f, 4096, 3 * m, tuple(per_expert))], [Run(f, 4096 + 3 * m, 3 * m, tuple(per_expert))])
+    assert direct_layout(good, torch.float32, I, H) == (m, 0)
+    assert direct_layout(good, torch.bfloat16, I, H) is None  # converted on the way: bounce buffers
+    assert direct_layout(emap([Run(f, 4100, 3 * m, tuple(per_expert))]), torch.float32, I, H) is None
+    swapped = ((2 * I * H, m), (I * H, m), (0, m))  # up before gate: no [gate | up] view
+    assert direct_layout(emap([Run(f, 4096, 3 * m, swapped)]), torch.float32, I, H) is None
+    split_runs = [Run(f, 4096, m, ((0, m),)), Run(f, 8192, 2 * m, ((I * H, m), (2 * I * H, m)))]
+    assert direct_layout(emap(split_runs), torch.float32, I, H) is None
+    fused = ((0, 2 * m), (2 * I * H, m))  # gate_up in one piece, then down
+    assert direct_layout(emap([Run(f, 4096, 3 * m, fused)]), torch.float32, I, H) == (0, 2 * m)

@@ -55,6 +55,14 @@ class AioExperts(TieredExperts):
         self, emap: ExpertMap, spec: SlotSpec, reader: FileReader, io_threads: int = 4, pin: bool = False
     ):
         super().__init__(emap, spec, io_threads, pin, reader)
+        self.q = AioQueue(self._buffers(emap))
+        self._tag = 0
+        self._reqs: dict[int, tuple[int, Run, int, int]] = {}  # tag -> (key, run, buffer, file offset)
+        self._pending: dict[int, set[int]] = {}  # key -> tags of its reads still in flight
+        self._failed: dict[int, Exception] = {}  # key -> why its bytes did not arrive
+
+    def _buffers(self, emap: ExpertMap) -> int:
+        """Sets up the bounce buffers; returns how many reads may be in flight (one per buffer)."""
         # buffers as large as the largest expert run (aligned), at most CHUNK: small experts take
         # one read each, large ones several, and the bytes in flight stay within BOUNCE_BYTES
         longest = max(r.offset % ALIGN + r.nbytes for runs in emap.extents.values() for r in runs)
@@ -64,12 +72,8 @@ class AioExperts(TieredExperts):
         self._bufs = [np.frombuffer(m, dtype=np.uint8) for m in self._maps]
         self._addrs = [self._bufs[i].ctypes.data for i in range(n)]
         self._free_bufs = list(range(n - 1, -1, -1))
-        self.q = AioQueue(n)
         self._raw = [s.view(torch.uint8).numpy() for s in self.slots]  # each slot's bytes
-        self._tag = 0
-        self._reqs: dict[int, tuple[int, Run, int, int]] = {}  # tag -> (key, run, buffer, file offset)
-        self._pending: dict[int, set[int]] = {}  # key -> tags of its reads still in flight
-        self._failed: dict[int, Exception] = {}  # key -> why its bytes did not arrive
+        return n
 
     @property
     def read_mode(self) -> str:

@@ -11,6 +11,7 @@ from ..cache.registry import PolicyContext, make_policy
 from ..errors import ConfigError
 from ..models.args import ModelArgs
 from . import aio
+from .aio_direct import AioDirectExperts, direct_layout
 from .aio_experts import AioExperts, usable
 from .budget import parse_size
 from .cached import SlotSpec
@@ -77,6 +78,9 @@ def tiered_store(
     reader = FileReader(emap.files)  # opened once, whichever store reads through it
     if cfg.io != "threads" and aio.available() and usable(reader, emap):
         try:
+            layout = None if pin else direct_layout(emap, dtype, m.intermediate, args.hidden)
+            if layout is not None:  # reads land in the slots themselves
+                return AioDirectExperts(emap, spec, reader, layout)
             return AioExperts(emap, spec, reader, cfg.io_threads, pin)
         except OSError as e:  # e.g. the system's AIO request limit (aio-max-nr) is used up
             if cfg.io == "aio":

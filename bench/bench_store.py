@@ -294,6 +294,8 @@ def case_real(a) -> dict:
                 | {"name": f"{share:.0%} cyclic none", "budget": b, "policy": "cyclic", "prefetch": "none"}
             )
         specs.append(base | {"name": f"{share:.0%} cyclic lookahead", "budget": b, "policy": "cyclic"})
+        learned = {"policy": "cyclic", "prefetch": "learned"}  # fitted on the calibration trace
+        specs.append(base | learned | {"name": f"{share:.0%} cyclic learned", "budget": b})
     # steady state: the same runs after a warm-up request on other held-out text (a server's
     # cache is rarely empty); the all-in-RAM run is warmed the same way
     warm = {"warmup": eval_ids[9000 : 9000 + a.prompt]}
@@ -311,7 +313,7 @@ def case_real(a) -> dict:
         specs.append(base | {"name": f"25% {policy} lookahead", "budget": q, "policy": policy})
     for pred in ("none", "frequency", "cooccurrence"):
         specs.append(base | {"name": f"25% cyclic {pred}", "budget": q, "policy": "cyclic", "prefetch": pred})
-    specs += with_threads(specs[1:], ("cyclic none", "cyclic lookahead"))
+    specs += with_threads(specs[1:], ("cyclic none", "cyclic lookahead", "cyclic learned"))
     from moeflow.default_model import smollm2_gguf
 
     specs.append(base | {"name": "dense source (GGUF, fp32)", "model": str(smollm2_gguf())})

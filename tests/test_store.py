@@ -75,7 +75,8 @@ def top1_model(chat_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def traces(chat_model, top1_model, tmp_path_factory):
-    """A recorded routing trace per model: pinned's hot set and cooccurrence's training data."""
+    """A recorded routing trace per model: pinned's hot set, cooccurrence's training data and the
+    learned look-ahead's maps."""
     out = {}
     for name, path in (("top4", chat_model), ("top1", top1_model)):
         lm = load(path, progress=False)
@@ -132,7 +133,7 @@ def assert_same(got, want):
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])
-@pytest.mark.parametrize("prefetch", ["none", "lookahead", "frequency", "cooccurrence"])
+@pytest.mark.parametrize("prefetch", ["none", "lookahead", "learned", "frequency", "cooccurrence"])
 @pytest.mark.parametrize("policy", ["cyclic", "lru", "lfu", "reuse", "pinned"])
 def test_single_expert_budget_is_exact(top1_model, reference, traces, policy, prefetch, scope):
     """Top-1 routing, a budget of one expert per layer (or one in all): every step evicts."""
@@ -152,7 +153,7 @@ def test_single_expert_budget_is_exact(top1_model, reference, traces, policy, pr
 
 
 @pytest.mark.parametrize("share", ["4", "25%", "50%", "90%"])
-@pytest.mark.parametrize("prefetch", ["lookahead", "cooccurrence"])
+@pytest.mark.parametrize("prefetch", ["lookahead", "learned", "cooccurrence"])
 def test_budgets_are_exact(chat_model, reference, traces, share, prefetch, io, request):
     """Top-4 of 16 experts; "4" = exactly one layer's top-k in all, the least that works."""
     budget = 4 * expert_bytes(chat_model) if share == "4" else share

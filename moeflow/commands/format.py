@@ -52,8 +52,9 @@ def add_store_args(p) -> None:
     p.add_argument(
         "--prefetch",
         default="none",
-        help="prefetch predictor: lookahead (next layer's router), frequency, cooccurrence (learned "
-        "from --expert-trace), none (default)",
+        help="prefetch predictor: lookahead (next layer's router), learned (a look-ahead fitted by "
+        "`moeflow trace`, from --expert-trace), frequency, cooccurrence (from --expert-trace), "
+        "none (default)",
     )
     p.add_argument(
         "--expert-io",

@@ -21,6 +21,7 @@ class ForwardContext:
     row_top_k: list[int] | None = None  # experts per token for each row; None: the model's top-k
     counts: torch.Tensor | None = None  # [B, n_layers, E] experts chosen per row, filled when given
     routes: dict | None = None  # layer -> (weights [T, K], ids [T, K], -1 = unused slot), when given
+    inputs: dict | None = None  # layer -> its MoE block's input [T, H] (what its router saw), when given
     _cos_sin: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def rope(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,3 +49,8 @@ class ForwardContext:
         """Records the routing decision of every token (traces); free when routes is None."""
         if self.routes is not None:
             self.routes[layer] = (weights.detach().cpu(), ids.detach().cpu())
+
+    def keep_input(self, layer: int, x: torch.Tensor) -> None:
+        """Records what a MoE layer's router saw (fitting the learned look-ahead); free when None."""
+        if self.inputs is not None:
+            self.inputs[layer] = x.detach().float().cpu()

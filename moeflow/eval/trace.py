@@ -7,7 +7,11 @@ File format (`.npz`, numpy.savez_compressed), format id "moeflow-trace-v1":
 - seq      int32   [T]        index of the window (sequence) each token belongs to
 - meta     0-d str            JSON: format, model, model_type, moe_layers, n_experts, top_k,
                               hidden, expert_intermediate, dtype, and expert_bytes (gate, up and
-                              down of one expert at the checkpoint dtype)"""
+                              down of one expert at the checkpoint dtype)
+- lookahead float32 [L-1, E, H+1]  optional: the learned look-ahead fitted on this text (row e of
+                              map i scores expert e of MoE layer i+1 from layer i's router input,
+                              last column the bias; store/learned.py); absent when the model is too
+                              wide to fit it (store.learned.MAX_FIT_BYTES) or has one MoE layer"""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch
 
 from ..errors import ConfigError
 from ..loader.load import LoadedModel
+from ..store.learned import LookaheadFit
 from .windows import run_windows, split
 
 FORMAT = "moeflow-trace-v1"
@@ -60,28 +65,40 @@ def record(
     max_tokens: int | None = None,
     top_k: int | None = None,
     progress: bool = True,
+    fit_lookahead: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Runs the text through the model and returns the trace arrays (meta included)."""
+    """Runs the text through the model and returns the trace arrays (meta included), with the
+    learned look-ahead fitted on the same text unless fit_lookahead is False."""
     if not lm.args.moe_layers:
         raise ConfigError("this model has no MoE layers, so there is no routing to trace")
     k = top_k or lm.args.moe.top_k
+    layers = lm.args.moe_layers
     experts, weights, seq = [], [], []
+    fit = None
+    if fit_lookahead and len(layers) > 1 and LookaheadFit.affordable(len(layers), lm.args.hidden):
+        fit = LookaheadFit([lm.model.model.layers[i].mlp.gate.weight for i in layers])
     wins = split(ids, window, max_tokens)
-    for n, out in enumerate(
-        run_windows(lm, wins, top_k=top_k, routes=True, progress=progress, desc="tracing")
-    ):
-        w = torch.stack([out.routes[layer][0] for layer in lm.args.moe_layers], dim=1)  # [n, L, K]
-        e = torch.stack([out.routes[layer][1] for layer in lm.args.moe_layers], dim=1)
+    runs = run_windows(
+        lm, wins, top_k=top_k, routes=True, progress=progress, desc="tracing", inputs=fit is not None
+    )
+    for n, out in enumerate(runs):
+        w = torch.stack([out.routes[layer][0] for layer in layers], dim=1)  # [n, L, K]
+        e = torch.stack([out.routes[layer][1] for layer in layers], dim=1)
         weights.append(w.float().numpy())
         experts.append(e.to(torch.int16).numpy())
         seq.append(np.full(len(out.tokens), n, dtype=np.int32))
-    return {
+        if fit is not None:
+            fit.add([out.inputs[layer] for layer in layers])
+    arrays = {
         "experts": np.concatenate(experts),
         "weights": np.concatenate(weights),
         "tokens": np.asarray([t for w in wins for t in w], dtype=np.int32),
         "seq": np.concatenate(seq),
         "meta": np.asarray(json.dumps(trace_meta(lm, k))),
     }
+    if fit is not None:
+        arrays["lookahead"] = fit.solve()
+    return arrays
 
 
 def save(path: str | Path, arrays: dict[str, np.ndarray]) -> None:

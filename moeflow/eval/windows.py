@@ -22,6 +22,7 @@ class WindowOutput:
     tokens: list[int]
     logits: torch.Tensor  # [n, V] fp32
     routes: dict | None  # layer -> (weights [n, K], ids [n, K])
+    inputs: dict | None = None  # layer -> its MoE block's input [n, H], fp32 (when asked for)
 
 
 def split(ids: list[int], length: int, max_tokens: int | None = None) -> list[list[int]]:
@@ -43,6 +44,7 @@ def run_windows(
     routes: bool = False,
     progress: bool = True,
     desc: str = "scoring",
+    inputs: bool = False,
 ) -> Iterator[WindowOutput]:
     if not windows:
         raise ConfigError("the text is too short: it gives no window of at least 2 tokens")
@@ -58,15 +60,24 @@ def run_windows(
     with tqdm(total=n_tokens, desc=desc, unit="tok", disable=not progress, leave=False) as bar:
         for i in range(0, len(windows), batch):
             group = windows[i : i + batch]
-            yield from _step(lm, group, cache, rotary, dtype, device, top_k, routes)
+            yield from _step(lm, group, cache, rotary, dtype, device, top_k, routes, inputs)
             bar.update(sum(len(w) for w in group))
 
 
-def _step(lm, group, cache, rotary, dtype, device, top_k, routes) -> Iterator[WindowOutput]:
+def _step(lm, group, cache, rotary, dtype, device, top_k, routes, inputs) -> Iterator[WindowOutput]:
     b = len(group)
     sb = StepBatch.build(group, [0] * b, list(range(b)), device, lm.args.attention.sliding_window)
     row_k = None if top_k is None else [top_k] * b
-    ctx = ForwardContext(sb, cache, lm.experts, rotary, dtype, row_k, routes={} if routes else None)
+    ctx = ForwardContext(
+        sb,
+        cache,
+        lm.experts,
+        rotary,
+        dtype,
+        row_k,
+        routes={} if routes else None,
+        inputs={} if inputs else None,
+    )
     logits = lm.model(ctx, all_logits=True).cpu()  # [T, V]
     start = 0
     for w in group:
@@ -76,5 +87,6 @@ def _step(lm, group, cache, rotary, dtype, device, top_k, routes) -> Iterator[Wi
             if ctx.routes is None
             else {k: (v[0][start:end], v[1][start:end]) for k, v in ctx.routes.items()}
         )
-        yield WindowOutput(w, logits[start:end], r)
+        x = None if ctx.inputs is None else {k: v[start:end] for k, v in ctx.inputs.items()}
+        yield WindowOutput(w, logits[start:end], r, x)
         start = end

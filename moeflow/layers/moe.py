@@ -54,6 +54,7 @@ class MoEBlock(nn.Module):
         return weights, ids
 
     def forward(self, x: torch.Tensor, ctx, layer: int) -> torch.Tensor:
+        ctx.keep_input(layer, x)
         logits = self.gate(x)
         ks = ctx.token_top_k()
         if ks is None:

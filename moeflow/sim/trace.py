@@ -2,7 +2,8 @@
 
 Arrays: experts int16 [T, L, K] (-1 = unused slot), weights float32 [T, L, K], tokens int32 [T],
 seq int32 [T] (sequence of each token, in generation/prefill order), and meta: a 0-d array holding
-a JSON object (see TraceMeta)."""
+a JSON object (see TraceMeta). Optional: lookahead float32 [L-1, E, H+1], the learned look-ahead
+fitted on the traced text (store.learned), absent from traces recorded before it existed."""
 
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ class Trace:
     tokens: np.ndarray  # int32 [T]
     seq: np.ndarray  # int32 [T]
     meta: TraceMeta
+    lookahead: np.ndarray | None = None  # float32 [L-1, E, H+1]: the learned look-ahead's maps
 
     @property
     def n_tokens(self) -> int:
@@ -76,7 +78,9 @@ class Trace:
         return np.stack([np.bincount(used[:, i][used[:, i] >= 0], minlength=E) for i in range(self.n_layers)])
 
     def head(self, n: int) -> Trace:
-        return Trace(self.experts[:n], self.weights[:n], self.tokens[:n], self.seq[:n], self.meta)
+        return Trace(
+            self.experts[:n], self.weights[:n], self.tokens[:n], self.seq[:n], self.meta, self.lookahead
+        )
 
     def validate(self) -> None:
         T = self.experts.shape[0] if self.experts.ndim == 3 else -1
@@ -93,6 +97,15 @@ class Trace:
         lo, hi = int(self.experts.min()), int(self.experts.max())
         if lo < -1 or hi >= self.meta.n_experts:
             raise ConfigError(f"trace expert ids span {lo}..{hi}, outside -1..{self.meta.n_experts - 1}")
+        if self.lookahead is not None and (
+            self.lookahead.ndim != 3
+            or self.lookahead.shape[:2] != (self.n_layers - 1, self.meta.n_experts)
+            or self.lookahead.shape[2] != self.meta.hidden + 1
+        ):
+            raise ConfigError(
+                f"trace lookahead maps are {list(self.lookahead.shape)}; want "
+                f"[{self.n_layers - 1}, {self.meta.n_experts}, {self.meta.hidden + 1}]"
+            )
         ordered = np.sort(self.experts, axis=-1)
         if ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any():
             raise ConfigError("trace names one expert twice in a token's layer")
@@ -108,6 +121,7 @@ def load_trace(path: str | Path) -> Trace:
             if missing:
                 raise ConfigError(f"{path} is not a moeflow trace: no {', '.join(missing)} array")
             arrays = {a: z[a] for a in ARRAYS}
+            lookahead = z["lookahead"].astype(np.float32, copy=False) if "lookahead" in z.files else None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise ConfigError(f"cannot read trace {path}: {e}") from None
     meta = TraceMeta.from_json(str(arrays.pop("meta")))
@@ -117,6 +131,7 @@ def load_trace(path: str | Path) -> Trace:
         arrays["tokens"].astype(np.int32, copy=False),
         arrays["seq"].astype(np.int32, copy=False),
         meta,
+        lookahead,
     )
     trace.validate()
     return trace
@@ -124,6 +139,13 @@ def load_trace(path: str | Path) -> Trace:
 
 def save_trace(path: str | Path, trace: Trace) -> None:
     meta = np.array(json.dumps(asdict(trace.meta)))
+    extra = {} if trace.lookahead is None else {"lookahead": trace.lookahead}
     np.savez_compressed(
-        path, experts=trace.experts, weights=trace.weights, tokens=trace.tokens, seq=trace.seq, meta=meta
+        path,
+        experts=trace.experts,
+        weights=trace.weights,
+        tokens=trace.tokens,
+        seq=trace.seq,
+        meta=meta,
+        **extra,
     )

@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..layers.routing import picks_top_logits
 from ..sim.trace import Trace, load_trace
 
-PREDICTORS = ("none", "lookahead", "frequency", "cooccurrence")
+PREDICTORS = ("none", "lookahead", "learned", "frequency", "cooccurrence")
 
 
 class EnginePredictor(Protocol):
@@ -42,29 +42,34 @@ class Lookahead:
         self.blocks = [model.model.layers[i].mlp for i in moe_layers]
         self.margin = max(1, top_k // 4) if margin is None else margin
         self.top_k = min(n_experts, top_k + self.margin)
-        # routers whose choice is the top logits need no scoring: their weights and one topk (this
-        # runs once per layer per token, where each torch call costs several µs)
-        self.direct = [
-            b.gate.weight if picks_top_logits(b.route, b.gate.e_score_correction_bias is not None) else None
-            for b in self.blocks
+        # routers whose choice is the top logits need no scoring, only one topk (this runs once
+        # per layer per token, where each torch call costs several µs)
+        self.picks_top = [
+            picks_top_logits(b.route, b.gate.e_score_correction_bias is not None) for b in self.blocks
         ]
 
     def next_experts(self, li: int, x: torch.Tensor, ids: torch.Tensor, room: int):
         if li + 1 >= len(self.blocks):  # the next token's first layer needs that token's state
             return None
-        block, weight = self.blocks[li + 1], self.direct[li + 1]
         with torch.no_grad():
-            if weight is not None:  # (the logits Router computes: fp32 input and weights)
-                w = weight if weight.dtype == torch.float32 else weight.float()
-                guess = torch.topk(torch.nn.functional.linear(x.float(), w), self.top_k, dim=-1).indices
-            else:
-                logits = block.gate(x)
-                try:
-                    _, guess = block._route(logits, self.top_k)
-                except (RuntimeError, ValueError):  # a routing that cannot pick more (group limits)
-                    self.top_k, self.margin = block.m.top_k, 0
-                    _, guess = block._route(logits, self.top_k)
+            guess = self._choose(li + 1, self._logits(li, x))
         return li + 1, by_votes(guess, room)
+
+    def _logits(self, li: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer li + 1's router logits, guessed from layer li's router input x."""
+        w = self.blocks[li + 1].gate.weight  # (what Router.forward computes, minus a module call)
+        return torch.nn.functional.linear(x.float(), w if w.dtype == torch.float32 else w.float())
+
+    def _choose(self, nli: int, logits: torch.Tensor) -> torch.Tensor:
+        """[T, top_k] experts layer nli would route to with these logits."""
+        if self.picks_top[nli]:
+            return torch.topk(logits, self.top_k, dim=-1).indices
+        block = self.blocks[nli]
+        try:
+            return block._route(logits, self.top_k)[1]
+        except (RuntimeError, ValueError):  # a routing that cannot pick more (group limits)
+            self.top_k, self.margin = block.m.top_k, 0
+            return block._route(logits, self.top_k)[1]
 
 
 class History:
@@ -100,6 +105,17 @@ def make_engine_predictor(name: str, model, moe_layers: list[int], n_experts: in
         return None
     if name == "lookahead":
         return Lookahead(model, moe_layers, top_k, n_experts)
+    if name == "learned":
+        from .learned import LearnedLookahead  # (it builds on Lookahead, defined here)
+
+        if trace is None:
+            raise ConfigError("prefetch learned is fitted by `moeflow trace`: give --expert-trace TRACE")
+        tr = model_trace(trace, moe_layers, n_experts)
+        if tr.lookahead is None:
+            raise ConfigError(
+                f"trace {trace} holds no learned look-ahead: record it again with this moeflow's `trace`"
+            )
+        return LearnedLookahead(model, moe_layers, top_k, n_experts, tr.lookahead)
     if name == "frequency":
         return History(RecentFrequency(L, n_experts), L)
     if name == "cooccurrence":

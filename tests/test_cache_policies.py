@@ -212,3 +212,10 @@ def test_repeated_id_is_one_key(capacity):
     cache.prefetch(1, [3, 3], 1, protect=[2, 2])  # one global slot: evicts key 1, not in use
     left = [2, 7] if capacity.scope == "global" else [1, 2, 7]
     assert cache.resident.nonzero()[0].tolist() == left and cache.stats.prefetches == 1
+
+
+def test_all_resident():
+    cache = build("lru", np.zeros((1, 2, 1), np.int16), 4, CacheCapacity(total=4))
+    cache.request(1, [0, 2], 0)
+    assert cache.all_resident(1, [2, 0, -1]) and not cache.all_resident(1, [2, 3])
+    assert not cache.all_resident(0, [0]) and cache.all_resident(0, [])

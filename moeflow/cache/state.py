@@ -117,6 +117,12 @@ class ExpertCache:
             _per_row(rows, hit, n), _per_row(rows, ~hit, n), _per_row(rows, first_use, n), new, evicted
         )
 
+    def all_resident(self, layer: int, ids) -> bool:
+        """Whether every expert `ids` of `layer` is resident (-1 ignored): a prefetch of them would
+        do nothing, and the engine asks after every layer."""
+        res, base = self._res, layer * self.n_experts
+        return all(res[base + e] for e in ids if 0 <= e < self.n_experts)
+
     def prefetch(self, layer: int, ids, t: int, protect=None) -> Access:
         """Bring in experts `ids` of `layer` ahead of token t's use, counting no demand access.
         `protect`: keys in use right now (the running layer's), which must stay. The engine's

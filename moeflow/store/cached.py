@@ -160,9 +160,10 @@ class CachedExperts:
 
     def prefetch(self, layer: int, ids) -> None:
         """Starts bringing in experts `ids` of `layer`; never evicts the running layer's."""
-        if not len(ids):
+        li = self.index[layer]
+        if not len(ids) or self.cache.all_resident(li, ids):  # (the usual case at a large budget)
             return
-        acc = self.cache.prefetch(self.index[layer], ids, self.step, protect=self.in_use)
+        acc = self.cache.prefetch(li, ids, self.step, protect=self.in_use)
         self._release(acc.evicted)
         loaded = acc.loaded.tolist()
         for key in loaded:

@@ -17,15 +17,13 @@ and a read in flight is for the layer about to run). The extra page per slot (ab
 from __future__ import annotations
 
 import mmap
-import os
 
 import torch
 
-from ..errors import CheckpointError
 from . import aio_experts
 from .aio_experts import AioExperts
 from .cached import SlotSpec
-from .extents import ExpertMap
+from .extents import ExpertMap, Run
 from .reader import ALIGN, FileReader
 
 DEPTH = 64  # reads in flight at most (a prefill's demand batch goes in waves of this many)
@@ -75,7 +73,6 @@ class AioDirectExperts(AioExperts):
         self._base = self.slots.data_ptr()
         self._key_views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._view_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._plans: dict[int, tuple] = {}
 
     def _new_slots(self, n_slots: int, spec: SlotSpec, device, pin: bool) -> torch.Tensor:
         self._map = mmap.mmap(-1, n_slots * self._stride)  # anonymous: page-aligned, zero-filled
@@ -83,6 +80,7 @@ class AioDirectExperts(AioExperts):
         return flat.view(n_slots, self._stride // spec.dtype.itemsize)
 
     def _buffers(self, emap: ExpertMap) -> int:
+        self._size = aio_experts.CHUNK  # the largest read: no buffer bounds it here
         return DEPTH  # no bounce buffers: reads land in the slots
 
     @property
@@ -122,64 +120,16 @@ class AioDirectExperts(AioExperts):
         self._submit(keys)  # (more reads than the queue holds go in waves: no copies to serialise)
         self._wait(keys)
 
-    def _plan(self, key: int) -> tuple:
-        """(run, fd, aligned start, aligned end) of a key's read, worked out on its first load."""
-        plan = self._plans.get(key)
-        if plan is None:
-            run = self.map.extents[self.layers[key // self.n_experts], key % self.n_experts][0]
-            start = run.offset & ~(ALIGN - 1)
-            end = (run.offset + run.nbytes + ALIGN - 1) & ~(ALIGN - 1)
-            plan = self._plans[key] = (run, self.reader._direct[run.file], start, end)
-        return plan
+    def _begin(self, key: int) -> None:
+        run = self._reads(key)[0][0]
+        self._key_views[key] = self._slot_views(int(self.slot_of[key]), run.offset % ALIGN)
 
-    def _submit(self, keys: list[int]) -> None:
-        batch, chunk, depth = [], aio_experts.CHUNK, self.q.depth
-        for key in keys:
-            run, fd, start, end = self._plan(key)
-            slot = int(self.slot_of[key])
-            self._key_views[key] = self._slot_views(slot, run.offset - start)
-            addr = self._base + slot * self._stride - start  # + a file position: where it lands
-            tags = self._pending.setdefault(key, set())
-            for pos in range(start, end, chunk):
-                if len(batch) + self.q.in_flight >= depth:  # the queue is full: free a place
-                    if batch:
-                        self._send(batch)
-                        batch = []
-                    self._complete(self.q.reap(1))
-                    tags = self._pending.setdefault(key, tags)  # (re-added if the reap emptied it)
-                length = min(chunk, end - pos)
-                self._tag += 1
-                self._reqs[self._tag] = (key, run, length, pos)
-                tags.add(self._tag)
-                batch.append((self._tag, fd, addr + pos, length, pos))
-        if batch:
-            self._send(batch)
+    def _target(self, key: int, run: Run, pos: int) -> tuple[int, int]:
+        # the run's aligned span from the slot's start: offset pos lands pos - start bytes in
+        return -1, self._base + int(self.slot_of[key]) * self._stride + pos - (run.offset & ~(ALIGN - 1))
 
-    def _finish(self, tag: int, res: int | Exception) -> None:
-        """One read is over (res: bytes read, -errno, or why it never started): the key is marked
-        failed if its bytes did not all arrive; its tag is released either way."""
-        key, run, length, pos = self._reqs.pop(tag)
-        try:
-            if isinstance(res, Exception):
-                raise res
-            if res < 0:
-                raise OSError(-res, f"reading {run.file.name}: {os.strerror(-res)}")
-            end = min(pos + length, run.offset + run.nbytes)
-            if pos + res < end:  # (the file's end may cut the aligned read, never the run)
-                got = max(0, pos + res - run.offset)
-                raise CheckpointError(
-                    f"{run.file.name} ended early: read {got} of {run.nbytes} bytes at offset "
-                    f"{run.offset} (file truncated or replaced while running)"
-                )
-            self.reader.bytes_read += end - max(pos, run.offset)
-        except Exception as e:  # reported by the fetch that needs this key, not the one reaping
-            self._failed.setdefault(key, e)
-        finally:
-            tags = self._pending.get(key)
-            if tags is not None:
-                tags.discard(tag)
-                if not tags:
-                    del self._pending[key]
+    def _land(self, key: int, run: Run, buf: int, pos: int, lo: int, hi: int) -> None:
+        pass  # the bytes are in the slot already
 
     def _cancel(self, key: int) -> None:
         # the kernel writes into the slot: it may be given to another key only once the reads landed

@@ -57,7 +57,8 @@ class AioExperts(TieredExperts):
         super().__init__(emap, spec, io_threads, pin, reader)
         self.q = AioQueue(self._buffers(emap))
         self._tag = 0
-        self._reqs: dict[int, tuple[int, Run, int, int]] = {}  # tag -> (key, run, buffer, file offset)
+        self._reqs: dict[int, tuple] = {}  # tag -> (key, run, buffer, file offset, length)
+        self._plans: dict[int, list] = {}  # key -> its reads (_reads)
         self._pending: dict[int, set[int]] = {}  # key -> tags of its reads still in flight
         self._failed: dict[int, Exception] = {}  # key -> why its bytes did not arrive
 
@@ -106,30 +107,51 @@ class AioExperts(TieredExperts):
         # its reads land in bounce buffers, never in the slot: the slot is free now, and the
         # completions only hand their buffers back
         for tag in self._pending.pop(key, ()):
-            k, run, buf, start = self._reqs[tag]
-            self._reqs[tag] = (-1, run, buf, start)
+            self._reqs[tag] = (-1, *self._reqs[tag][1:])
         self._failed.pop(key, None)
+
+    # ---- where a read lands (a store reading into the slots themselves overrides these)
+
+    def _reads(self, key: int) -> list[tuple[Run, int, list[tuple[int, int]]]]:
+        """(run, fd, its (file offset, length) pieces) for each run of a key, worked out on the
+        key's first load."""
+        plan = self._plans.get(key)
+        if plan is None:
+            runs = self.map.extents[self.layers[key // self.n_experts], key % self.n_experts]
+            plan = self._plans[key] = [(r, self.reader._direct[r.file], _chunks(r, self._size)) for r in runs]
+        return plan
+
+    def _begin(self, key: int) -> None:
+        """The key's reads are about to be submitted."""
+
+    def _target(self, key: int, run: Run, pos: int) -> tuple[int, int]:
+        """(buffer, address) the read at file offset `pos` lands in; buffer -1: none to give back."""
+        buf = self._free_bufs.pop()
+        return buf, self._addrs[buf]
+
+    def _land(self, key: int, run: Run, buf: int, pos: int, lo: int, hi: int) -> None:
+        """The run's bytes lo..hi (file offsets), read at `pos` into `buf`, are in: into the slot."""
+        self._copy(key, run, self._bufs[buf][lo - pos : hi - pos], lo - run.offset)
 
     # ---- submission and completion
 
     def _submit(self, keys: list[int]) -> None:
-        batch = []
+        batch, depth = [], self.q.depth
         for key in keys:
-            layer, e = self.layers[key // self.n_experts], key % self.n_experts
-            for run in self.map.extents[layer, e]:
-                fd = self.reader._direct[run.file]
-                for pos, length in _chunks(run, self._size):
-                    if not self._free_bufs:  # every buffer in flight: send what is ready, free one
+            self._begin(key)
+            for run, fd, pieces in self._reads(key):
+                for pos, length in pieces:
+                    if len(batch) + self.q.in_flight >= depth:  # all in flight: send what is ready, free one
                         if batch:
                             self._send(batch)
                             batch = []
                         self._complete(self.q.reap(1))
-                    buf = self._free_bufs.pop()
+                    buf, addr = self._target(key, run, pos)
                     self._tag += 1
-                    self._reqs[self._tag] = (key, run, buf, pos)
+                    self._reqs[self._tag] = (key, run, buf, pos, length)
                     # (re-fetched: the reap above may have completed, and dropped, the key's set)
                     self._pending.setdefault(key, set()).add(self._tag)
-                    batch.append((self._tag, fd, self._addrs[buf], length, pos))
+                    batch.append((self._tag, fd, addr, length, pos))
         if batch:
             self._send(batch)
 
@@ -154,11 +176,11 @@ class AioExperts(TieredExperts):
             self._finish(tag, res)
 
     def _finish(self, tag: int, res: int | Exception) -> None:
-        """One read is over (res: bytes read, -errno, or why it never started): its bytes go to
-        the slot, or its key is marked failed; either way its buffer and tag are released."""
-        key, run, buf, pos = self._reqs.pop(tag)
+        """One read is over (res: bytes read, -errno, or why it never started): its bytes land
+        (_land), or its key is marked failed; either way its buffer and tag are released."""
+        key, run, buf, pos, length = self._reqs.pop(tag)
         try:
-            lo, hi = max(pos, run.offset), min(pos + self._size, run.offset + run.nbytes)
+            lo, hi = max(pos, run.offset), min(pos + length, run.offset + run.nbytes)
             if isinstance(res, Exception):
                 raise res
             if key < 0:  # its key left the cache meanwhile: the bytes were read all the same
@@ -172,13 +194,14 @@ class AioExperts(TieredExperts):
                     f"{run.file.name} ended early: read {got} of {run.nbytes} bytes at offset "
                     f"{run.offset} (file truncated or replaced while running)"
                 )
-            self._copy(key, run, self._bufs[buf][lo - pos : hi - pos], lo - run.offset)
+            self._land(key, run, buf, pos, lo, hi)
             self.reader.bytes_read += hi - lo
         except Exception as e:  # reported by the fetch that needs this key, not the one reaping
             if key >= 0:
                 self._failed.setdefault(key, e)
         finally:
-            self._free_bufs.append(buf)
+            if buf >= 0:
+                self._free_bufs.append(buf)
             tags = self._pending.get(key)
             if tags is not None:
                 tags.discard(tag)

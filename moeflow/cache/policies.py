@@ -159,7 +159,6 @@ class Cyclic(Reuse):
         self.n_layers, self.n_experts = n_layers, n_experts
         self.full = -np.log2(1 - 2 ** (-1 / half_life))  # log2 count of a key used every token
         self.layer = 0  # the layer running now (the last one touched)
-        self.layer_of = np.arange(n_layers * n_experts) // n_experts
         self.t = 0
 
     def touch(self, keys: np.ndarray, t: int) -> None:
@@ -170,7 +169,7 @@ class Cyclic(Reuse):
     def priority(self, keys: np.ndarray) -> np.ndarray:
         # (in place, on one array: asked on every miss, for every resident key)
         L = self.n_layers
-        ahead = self.layer_of[keys]
+        ahead = keys // self.n_experts
         ahead -= self.layer + 1
         ahead %= L  # layers until the key's layer runs
         # log2 of the rate p: the decayed count at token t relative to an always-used key's

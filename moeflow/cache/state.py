@@ -62,7 +62,6 @@ class ExpertCache:
         self._total = 0  # resident keys in all (count.sum(), kept as an int: asked every request)
         # the same flags as bytes, for the one-key-at-a-time reads of the engine's paths
         self._res, self._pend = _bytes(self.resident), _bytes(self.pending)
-        self._prot = _bytes(self._protect)
         self.stats = CacheStats()
 
     def __len__(self) -> int:
@@ -207,7 +206,7 @@ class ExpertCache:
             self.capacity.check_fits(int(np.bincount(rows).max()), what)
 
     def _make_room_one(self, layer: int, incoming: int, held: list[int]) -> np.ndarray:
-        """_make_room for one layer's `incoming` new keys, `held` given as a list."""
+        """_make_room for one layer's `incoming` new keys, its fit check in plain ints."""
         cap = self.capacity
         if cap.per_layer is None:
             need = self._total + incoming - cap.total
@@ -215,19 +214,7 @@ class ExpertCache:
             need = int(self.count[layer]) + incoming - cap.per_layer
         if need <= 0:  # most requests fit: no victim search (the engine asks every layer)
             return _NONE
-        prot = self._prot
-        for k in held:
-            prot[k] = True
-        try:
-            if cap.per_layer is not None:
-                victims = self._victims_per_layer(np.array([layer]), np.array([incoming]))
-            else:
-                victims = self._victims_global(incoming)
-        finally:
-            for k in held:
-                prot[k] = False
-        self._evict(victims)
-        return victims
+        return self._evict_for(np.array([layer]), np.array([incoming]), held)
 
     def _insert_one(self, layer: int, new: list[int], t: int) -> None:
         res = self._res
@@ -245,6 +232,10 @@ class ExpertCache:
                 return _NONE
         elif (self.count[layers] + incoming <= cap.per_layer).all():
             return _NONE
+        return self._evict_for(layers, incoming, held)
+
+    def _evict_for(self, layers: np.ndarray, incoming: np.ndarray, held) -> np.ndarray:
+        """Evicts what `incoming` new keys per row need (there is a need), never a key of `held`."""
         self._protect[held] = True
         try:
             if self.capacity.per_layer is not None:

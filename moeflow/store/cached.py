@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -19,6 +20,17 @@ import torch
 from ..cache.capacity import CacheCapacity
 from ..cache.state import ExpertCache
 from .stats import StoreStats
+
+
+class _Routed(NamedTuple):
+    """A layer routed and not yet fully fetched: what its prediction of the next layer needs."""
+
+    layer: int
+    x: torch.Tensor  # the layer's input [T, H]
+    ids: torch.Tensor  # [T, K], -1 = unused
+    used: frozenset[int]  # the experts it chose
+    unfetched: set[int]  # those not fetched yet
+    picks: int  # valid entries of ids
 
 
 @dataclass(frozen=True)
@@ -131,17 +143,18 @@ class CachedExperts:
         self.stats.stall_s += time.perf_counter() - t0
         self.in_use = keys
         routed = self._routed
-        if routed is not None and routed[0] == layer:
-            routed[4].difference_update(ids)
-            if not routed[4]:  # this layer's last group is in: start the next layer's reads
+        if routed is not None and routed.layer == layer:
+            routed.unfetched.difference_update(ids)
+            if not routed.unfetched:  # this layer's last group is in: start the next layer's reads
                 self._routed = None
-                self._predict(li, *routed[1:4], routed[5])
+                self._predict(li, routed)
         return self._weights(keys)
 
     def _weights(self, keys: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [self._views(k) for k in keys]
 
-    def _predict(self, li: int, x: torch.Tensor, ids: torch.Tensor, used: frozenset[int], picks: int) -> None:
+    def _predict(self, li: int, routed: _Routed) -> None:
+        used = routed.used
         guess = self._guess.pop(li, None)
         if guess is not None:  # score the guess made for this layer
             s = self.stats
@@ -152,7 +165,8 @@ class CachedExperts:
             )
         if self.predictor is None:
             return
-        nxt = self.predictor.next_experts(li, x, ids, self.prefetch_room(picks, ids.shape[0]))
+        ids = routed.ids
+        nxt = self.predictor.next_experts(li, routed.x, ids, self.prefetch_room(routed.picks, ids.shape[0]))
         if nxt is not None:
             nli, chosen = nxt
             self.prefetch(self.layers[nli], chosen)
@@ -191,7 +205,7 @@ class CachedExperts:
         flat = ids.reshape(-1).tolist()  # (python from here: cheaper than torch ops on a few ids)
         used = frozenset(flat) - {-1}
         picks = len(flat) - flat.count(-1)
-        self._routed = (layer, x, ids, used, set(used), picks)  # set(used): experts not fetched yet
+        self._routed = _Routed(layer, x, ids, used, set(used), picks)
 
     def _release(self, evicted: np.ndarray) -> None:
         for key in evicted.tolist():

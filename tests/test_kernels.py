@@ -49,6 +49,38 @@ def test_moe_token(dtype, H, I, n):
     assert (got - expert_ref(x, scale, experts)).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("late", [[0], [3], [1, 2], [0, 4, 7], list(range(8))])
+def test_moe_token_with_late_experts_is_bit_identical(dtype, late):
+    """A token whose late experts are computed after settle() (a store still reading them) gets
+    bit for bit the one-call result; settle runs once, after the others are computed."""
+    g = torch.Generator().manual_seed(len(late) * 10 + late[0])
+    H, I, n = 96, 40, 8
+    experts = [
+        (
+            (torch.randn(2 * I, H, generator=g) / H**0.5).to(dtype),
+            (torch.randn(H, I, generator=g) / I**0.5).to(dtype),
+        )
+        for _ in range(n)
+    ]
+    x, scale = torch.randn(1, H, generator=g), torch.rand(n, generator=g)
+    real = [(a.clone(), b.clone()) for a, b in experts]
+    for e in late:  # "still being read": garbage until settle() puts the weights in place
+        experts[e][0].fill_(float("nan"))
+        experts[e][1].fill_(float("nan"))
+    settled = []
+
+    def settle():
+        settled.append(True)
+        for e in late:
+            experts[e][0].copy_(real[e][0])
+            experts[e][1].copy_(real[e][1])
+
+    got = native_moe_token(x, scale, experts, late, settle)
+    assert settled == [True]
+    assert torch.equal(got, native_moe_token(x, scale, real))
+
+
 def test_grouped_experts_equal_token_by_token():
     """The grouped path (many tokens) and the fused one-token path agree."""
     g = torch.Generator().manual_seed(0)

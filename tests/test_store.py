@@ -120,6 +120,8 @@ def check_budget(store: CachedExperts) -> None:
         return call
 
     store.fetch, store.prefetch = checked(store.fetch), checked(store.prefetch)
+    if store.fetch_staged is not None:
+        store.fetch_staged = checked(store.fetch_staged)
 
 
 @pytest.fixture(scope="module")
@@ -317,6 +319,72 @@ def test_aio_failures_leave_no_key_without_its_bytes(chat_model, aio_path):
     assert store.q.reap == reap
     assert not store.cache.resident[keys].any() and (store.slot_of[keys] < 0).all()
     assert len(getattr(store, "_free_bufs", ())) == n_bufs and not store._pending and not store._failed
+    for (g13, g2), (w13, w2) in zip(store.fetch(layer, ids), resident.fetch(layer, ids)):
+        assert torch.equal(g13, w13) and torch.equal(g2, w2)
+
+
+def test_aio_decode_computes_its_experts_in_memory_while_the_rest_land(chat_model, aio_path):
+    """Reads made slow to land (a look for completions without waiting finds none): every decode
+    step's misses are still in flight when the token starts computing the experts it has, and
+    the token waits for the rest only after. Tokens and logits stay the resident run's."""
+    llm = LLM(chat_model, progress=False, expert_memory="25%", prefetch="lookahead", expert_io="aio")
+    store = llm.loaded.experts
+    assert type(store) is aio_path
+    check_budget(store)
+    reap, landing, late = store.q.reap, store._landing, []
+    store.q.reap = lambda least: reap(least) if least else []
+
+    def counted(keys):
+        got = landing(keys)
+        late.append(len(got) < len(keys) and len(got))  # some computed early, some late
+        return got
+
+    store._landing = counted
+    want = LLM(chat_model, progress=False)
+    for prompt in PROMPTS:  # one sequence at a time: a decode step is then a single token
+        got = llm.generate(prompt_token_ids=[prompt], sampling_params=GREEDY)[0].token_ids
+        assert got == want.generate(prompt_token_ids=[prompt], sampling_params=GREEDY)[0].token_ids
+    singles = [[t] for t in range(40, 70)]  # one-token windows: the same path, logits compared
+    a, b = (
+        torch.cat([w.logits for w in run_windows(m.loaded, singles, batch=1, progress=False)])
+        for m in (llm, want)
+    )
+    assert torch.equal(a, b)
+    assert sum(bool(n) for n in late) >= 5, "no decode step split its experts"
+    store.q.reap = reap
+    store.close()
+    assert store.q.in_flight == 0
+
+
+def test_aio_late_read_failing_raises_at_settle_and_leaves_no_key_without_bytes(chat_model, aio_path):
+    """A demand read that fails after the token started computing: settle() raises, this fetch's
+    keys leave the cache, and the next fetch reads them again, exactly."""
+    import errno
+
+    resident = LLM(chat_model, progress=False).loaded.experts
+    llm = LLM(chat_model, progress=False, expert_memory=8 * expert_bytes(chat_model), expert_io="aio")
+    store = llm.loaded.experts
+    layer, ids = store.layers[0], [0, 1, 2, 3]
+    keys = [store.index[layer] * store.n_experts + e for e in ids]
+    store.fetch(layer, ids[:2])  # two resident, two to read
+    reap = store.q.reap
+
+    def failing(least):  # nothing lands before settle; then the first read back is an I/O error
+        if not least:
+            return []
+        done = reap(least)
+        if done:
+            done[0] = (done[0][0], -errno.EIO)
+            store.q.reap = reap
+        return done
+
+    store.q.reap = failing
+    weights, late, settle = store.fetch_staged(layer, ids)
+    assert late == [2, 3]
+    with pytest.raises(OSError, match="Input/output error"):
+        settle()
+    assert not store.cache.resident[keys].any() and (store.slot_of[keys] < 0).all()
+    assert not store._pending and not store._failed
     for (g13, g2), (w13, w2) in zip(store.fetch(layer, ids), resident.fetch(layer, ids)):
         assert torch.equal(g13, w13) and torch.equal(g2, w2)
 

@@ -11,6 +11,7 @@ import os
 import platform
 import shutil
 import subprocess
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 
@@ -62,6 +63,23 @@ def native():
     lib.mf_linear.restype = None
     lib.mf_moe_token.argtypes = [i64, P, P, ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int]
     lib.mf_moe_token.restype = None
+    lib.mf_moe_token_part.argtypes = [
+        i64,
+        i64,
+        ptr,
+        P,
+        P,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        i64,
+        i64,
+        ctypes.c_int,
+    ]
+    lib.mf_moe_token_part.restype = None
     lib.mf_moe_grouped.argtypes = [i64, P, P, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.mf_moe_grouped.restype = None
     return lib
@@ -107,8 +125,17 @@ def experts_usable(x: torch.Tensor, w13: torch.Tensor) -> bool:
     )
 
 
-def native_moe_token(x: torch.Tensor, scale: torch.Tensor, experts) -> torch.Tensor:
-    """One token [1, H] through experts [(w13 [2I, H], w2 [H, I])] weighted by scale [n] -> fp32 [1, H]."""
+def native_moe_token(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    experts,
+    late: Sequence[int] = (),
+    settle: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """One token [1, H] through experts [(w13 [2I, H], w2 [H, I])] weighted by scale [n] -> fp32 [1, H].
+    late: positions of experts whose weights are still being read into place: the others are
+    computed first, then settle() returns once the late ones are in, and they follow. The
+    result is bit for bit the same either way (each expert's output, then one sum in order)."""
     lib = native()
     n, H, I = len(experts), x.shape[-1], experts[0][1].shape[1]
     w13 = (ctypes.c_void_p * n)(*[a.data_ptr() for a, _ in experts])
@@ -118,8 +145,21 @@ def native_moe_token(x: torch.Tensor, scale: torch.Tensor, experts) -> torch.Ten
     out = torch.empty(1, H, dtype=torch.float32)
     hbuf = torch.empty(n * 2 * I, dtype=torch.float32)
     act = torch.empty(n * I, dtype=torch.float32)
-    ptrs = [t.data_ptr() for t in (scale, x, out, hbuf, act)]
-    lib.mf_moe_token(n, w13, w2, *ptrs, H, I, _DTYPES[experts[0][0].dtype])
+    dt = _DTYPES[experts[0][0].dtype]
+    if not late:
+        ptrs = [t.data_ptr() for t in (scale, x, out, hbuf, act)]
+        lib.mf_moe_token(n, w13, w2, *ptrs, H, I, dt)
+        return out
+    y = torch.empty(n * H, dtype=torch.float32)  # each expert's output, summed at the end
+    bufs = [t.data_ptr() for t in (x, out, y, hbuf, act)]
+    late_set = set(late)
+    first = [i for i in range(n) if i not in late_set]
+    sel = torch.tensor(first + sorted(late_set), dtype=torch.int64)
+    if first:
+        lib.mf_moe_token_part(n, len(first), sel.data_ptr(), w13, w2, None, *bufs, H, I, dt)
+    settle()
+    rest = sel.data_ptr() + len(first) * sel.element_size()
+    lib.mf_moe_token_part(n, n - len(first), rest, w13, w2, scale.data_ptr(), *bufs, H, I, dt)
     return out
 
 

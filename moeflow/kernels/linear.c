@@ -10,6 +10,7 @@
  * Built with -fopenmp: loaded into a process that already has torch's libgomp.so.1 it shares
  * torch's thread pool rather than competing with it. */
 #include <immintrin.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -180,11 +181,50 @@ static void swiglu_rows(const float *hbuf, float *act, int64_t P, int64_t I, int
     }
 }
 
-/* One token through n experts: out[H] = sum_e scale[e] * W2_e (silu(G_e x) * U_e x), where
- * W13_e = [G_e; U_e] is [2I, H] and W2_e is [H, I]. One parallel region for the whole layer:
- * gate/up rows of every expert, then the activations, then each thread sums the down
- * projections of all experts over its own band of output rows (no reduction across threads).
- * Requires 2I and H to be multiples of 4. hbuf holds n*2I floats, act n*I. */
+/* One token through some of a layer's experts: for the m experts listed in sel (indices into
+ * w13/w2; NULL: the first m), the unweighted output y[e*H .. e*H+H) = W2_e (silu(G_e x) * U_e x), where
+ * W13_e = [G_e; U_e] is [2I, H] and W2_e is [H, I]. Called from inside a parallel region: the
+ * gate/up rows of every listed expert are shared by the team, then each thread computes its own
+ * band [lo, hi) of every listed expert's down projection. Requires 2I and H multiples of 4;
+ * hbuf holds m*2I floats, act m*I. */
+static void experts_part(int64_t m, const int64_t *sel, const void **w13, const void **w2, const float *x,
+                         float *y, float *hbuf, float *act, int64_t lo, int64_t hi, int64_t H, int64_t I,
+                         int dt) {
+    int64_t H16 = H / 16 * 16, I16 = I / 16 * 16, I2 = 2 * I;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < m * I2; r += 4) {
+        int64_t s = r / I2;
+        tile_4x1(w13[sel ? sel[s] : s], r - s * I2, x, hbuf + s * I2, H, H16, dt);
+    }
+    swiglu_rows(hbuf, act, m, I, dt);
+    for (int64_t s = 0; s < m; s++) {
+        int64_t e = sel ? sel[s] : s;
+        for (int64_t j = lo; j < hi; j += 4) dot4(w2[e], j, act + s * I, y + e * H + j, I, I16, dt);
+    }
+}
+
+/* this thread's band of output rows: whole blocks of four */
+static void band(int64_t H, int64_t *lo, int64_t *hi) {
+    int nt = omp_get_num_threads(), t = omp_get_thread_num();
+    int64_t blocks = H / 4;
+    *lo = blocks * t / nt * 4;
+    *hi = blocks * (t + 1) / nt * 4;
+}
+
+/* out[j] = sum_e scale[e] * y[e*H + j] for j in [lo, hi), in expert order and with the same
+ * fused multiply-adds as mf_moe_token: the sum is bit for bit its sum, whichever experts were
+ * computed first */
+static void weighted_sum(int64_t n, const float *restrict scale, const float *restrict y, float *restrict out,
+                         int64_t lo, int64_t hi, int64_t H) {
+    for (int64_t j = lo; j < hi; j++) out[j] = 0.f;
+    for (int64_t e = 0; e < n; e++)
+        for (int64_t j = lo; j < hi; j++) out[j] = fmaf(scale[e], y[e * H + j], out[j]);
+}
+
+/* One token through n experts: out[H] = sum_e scale[e] * W2_e (silu(G_e x) * U_e x). One
+ * parallel region for the whole layer: gate/up rows of every expert, then the activations,
+ * then each thread sums the down projections of all experts over its own band of output rows
+ * (no reduction across threads). hbuf holds n*2I floats, act n*I. */
 void mf_moe_token(int64_t n, const void **w13, const void **w2, const float *scale, const float *x_in,
                   float *out, float *hbuf, float *act, int64_t H, int64_t I, int dt) {
     int64_t H16 = H / 16 * 16, I16 = I / 16 * 16, I2 = 2 * I;
@@ -198,17 +238,35 @@ void mf_moe_token(int64_t n, const void **w13, const void **w2, const float *sca
             tile_4x1(w13[e], r - e * I2, x, hbuf + e * I2, H, H16, dt);
         }
         swiglu_rows(hbuf, act, n, I, dt);
-        /* each thread owns a band of output rows and streams one expert's band at a time */
-        int nt = omp_get_num_threads(), t = omp_get_thread_num();
-        int64_t blocks = H / 4, lo = blocks * t / nt * 4, hi = blocks * (t + 1) / nt * 4;
+        int64_t lo, hi;
+        band(H, &lo, &hi);
         for (int64_t j = lo; j < hi; j++) out[j] = 0.f;
         for (int64_t e = 0; e < n; e++) {
             float y[4];
             for (int64_t j = lo; j < hi; j += 4) {
                 dot4(w2[e], j, act + e * I, y, I, I16, dt);
-                for (int r = 0; r < 4; r++) out[j + r] += scale[e] * y[r];
+                for (int r = 0; r < 4; r++) out[j + r] = fmaf(scale[e], y[r], out[j + r]);
             }
         }
+    }
+    free(xp);
+}
+
+/* mf_moe_token in two calls, for a layer whose experts are not all in memory yet: the first
+ * computes the m experts listed in sel (those that are) into y [n, H] while the others are read;
+ * the last (scale not NULL) computes the rest and sums all n. Each expert's output and the sum
+ * are computed as by mf_moe_token, so the result is bit for bit the same. */
+void mf_moe_token_part(int64_t n, int64_t m, const int64_t *sel, const void **w13, const void **w2,
+                       const float *scale, const float *x_in, float *out, float *y, float *hbuf, float *act,
+                       int64_t H, int64_t I, int dt) {
+    float *xp = dt == BF16 ? permute_for_bf16(x_in, 1, H, H / 16 * 16) : NULL;
+    const float *x = xp ? xp : x_in;
+#pragma omp parallel
+    {
+        int64_t lo, hi;
+        band(H, &lo, &hi);
+        if (m) experts_part(m, sel, w13, w2, x, y, hbuf, act, lo, hi, H, I, dt);
+        if (scale) weighted_sum(n, scale, y, out, lo, hi, H);  /* (its own band: no barrier) */
     }
     free(xp);
 }

@@ -20,6 +20,12 @@ GROUPED_FP32_MAX = 1 << 19
 
 # fetch(expert ids) -> [(w13 [2I, H], w2 [H, I])] in the same order; the store decides where they come from
 Fetch = Callable[[Sequence[int]], Sequence[tuple[torch.Tensor, torch.Tensor]]]
+# stage(expert ids) -> (weights, positions of those still being read, settle): a store whose
+# reads may still be landing (store.cached.CachedExperts.fetch_staged), so that a token computes
+# the experts it has while the rest arrive; settle() returns once they have
+Stage = Callable[
+    [Sequence[int]], tuple[Sequence[tuple[torch.Tensor, torch.Tensor]], list[int], Callable[[], None]]
+]
 
 
 def swiglu_expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -31,14 +37,21 @@ def swiglu_expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch
 
 
 def run_experts(
-    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fetch: Fetch, at_once: int | None = None
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    fetch: Fetch,
+    at_once: int | None = None,
+    stage: Stage | None = None,
 ) -> torch.Tensor:
     """x [T, H], weights/ids [T, K] -> sum_k weights[t, k] * expert_{ids[t, k]}(x[t])  [T, H]
     at_once: most experts `fetch` may be asked for in one call (a budgeted store's capacity); a
     batch whose tokens use more runs them in groups of that many. Each expert's rows are computed
-    the same way either way, so the result does not depend on it."""
+    the same way either way, so the result does not depend on it.
+    stage: used instead of fetch for a single token (decode), where the fused kernel computes the
+    experts already in memory while the others are read, with the same result."""
     if x.shape[0] == 1:
-        return _single_token(x, weights[0], ids[0].tolist(), fetch)
+        return _single_token(x, weights[0], ids[0].tolist(), fetch, stage)
     K = ids.shape[1]
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)  # slots grouped by expert
@@ -84,10 +97,16 @@ def _grouped(
     return ys
 
 
-def _single_token(x: torch.Tensor, w: torch.Tensor, ids: list[int], fetch: Fetch) -> torch.Tensor:
-    experts = fetch(ids)
+def _single_token(
+    x: torch.Tensor, w: torch.Tensor, ids: list[int], fetch: Fetch, stage: Stage | None
+) -> torch.Tensor:
+    experts, late, settle = stage(ids) if stage is not None else (fetch(ids), [], None)
     if experts_usable(x, experts[0][0]):
-        return native_moe_token(x, w, experts).to(x.dtype)  # one fused kernel call for the layer
+        return native_moe_token(x, w, experts, late, settle).to(
+            x.dtype
+        )  # one fused kernel call (two if late)
+    if late:
+        settle()
     out = torch.zeros_like(x)
     scale = w.to(x.dtype)
     for k, (w13, w2) in enumerate(experts):

@@ -67,7 +67,9 @@ class MoEBlock(nn.Module):
         if on_route is not None:  # a tiered store starts the next layer's reads now
             on_route(layer, x, ids)
         at_once = getattr(ctx.experts, "at_once", None)  # a budgeted store holds only so many
-        out = run_experts(x, weights, ids, lambda active: ctx.experts.fetch(layer, active), at_once)
+        staged = getattr(ctx.experts, "fetch_staged", None)  # one whose reads may still be landing
+        stage = None if staged is None else (lambda active: staged(layer, active))
+        out = run_experts(x, weights, ids, lambda active: ctx.experts.fetch(layer, active), at_once, stage)
         if self.m.shared_intermediate:
             shared = self.shared_expert(x)
             if self.m.shared_gate:

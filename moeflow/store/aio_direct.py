@@ -116,9 +116,8 @@ class AioDirectExperts(AioExperts):
 
     # ---- submission and completion
 
-    def _load(self, keys: list[int]) -> None:
+    def _load_start(self, keys: list[int]) -> None:
         self._submit(keys)  # (more reads than the queue holds go in waves: no copies to serialise)
-        self._wait(keys)
 
     def _begin(self, key: int) -> None:
         run = self._reads(key)[0][0]

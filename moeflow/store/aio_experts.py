@@ -83,11 +83,21 @@ class AioExperts(TieredExperts):
     # ---- the three ways bytes move
 
     def _load(self, keys: list[int]) -> None:
-        if len(keys) > len(self._maps):
-            super()._load(keys)  # the reader threads (see the class docstring)
-            return
-        self._submit(keys)
+        self._load_start(keys)
         self._wait(keys)
+
+    def _load_start(self, keys: list[int]) -> None:
+        if len(keys) > len(self._maps):
+            super()._load(keys)  # the reader threads, done on return (see the class docstring)
+        else:
+            self._submit(keys)
+
+    def _landing(self, keys: list[int]) -> list[int]:
+        if self._pending:
+            self._complete(self.q.reap(0))  # whatever landed meanwhile, without waiting
+        if self._failed:
+            self._raise(keys)
+        return [k for k in keys if k in self._pending] if self._pending else []
 
     def _start(self, key: int) -> None:
         self._submit([key])

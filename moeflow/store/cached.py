@@ -11,6 +11,7 @@ have landed). Prediction only changes *when* bytes arrive, never which weights a
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -20,6 +21,10 @@ import torch
 from ..cache.capacity import CacheCapacity
 from ..cache.state import ExpertCache
 from .stats import StoreStats
+
+
+def _nothing() -> None:
+    pass
 
 
 class _Routed(NamedTuple):
@@ -71,6 +76,7 @@ class CachedExperts:
         self.stats = StoreStats()
         self.predictor = None  # an EnginePredictor (store.predict): names the next layer's experts
         self._routed = None
+        self._demand = False  # the last fetch had demand misses
         self._guess: dict[int, set[int]] = {}  # layer index -> experts predicted for its next use
 
     # ---- what a subclass provides
@@ -82,6 +88,17 @@ class CachedExperts:
     def _load(self, keys: list[int]) -> None:
         """Fills the (already assigned) slots of demand-missed keys; returns once they are usable."""
         raise NotImplementedError
+
+    def _load_start(self, keys: list[int]) -> None:
+        """Starts filling demand-missed keys' slots; _landing and _arrive then see them as in
+        flight. A store whose reads cannot be left in flight loads them here and now."""
+        self._load(keys)
+
+    def _landing(self, keys: list[int]) -> list[int]:
+        """Of keys about to be used, those whose bytes may still be arriving (none, for a store
+        that waits for them here); raises for any that already failed."""
+        self._arrive(keys)
+        return []
 
     def _start(self, key: int) -> None:
         """Starts filling the (already assigned) slot of a prefetched key; must not wait."""
@@ -122,6 +139,41 @@ class CachedExperts:
         return self.slot_views[self.slot_of[key]]
 
     def fetch(self, layer: int, ids) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self._weights(self._fetch(layer, ids, wait=True))
+
+    def fetch_staged(self, layer: int, ids) -> tuple[list, list[int], Callable[[], None]]:
+        """Like fetch, but returns once the demand misses' reads are started rather than landed:
+        (weights, positions in ids of those still arriving, settle). The weights at the other
+        positions are usable now; settle() returns once the late ones are too (or raises why
+        not). The caller computes the experts it has while the rest are read."""
+        keys = self._fetch(layer, ids, wait=False)
+        demand = self._demand
+        try:
+            late = self._landing(keys)
+        except BaseException:
+            self._invalidate(keys)
+            raise
+        if not late:
+            return self._weights(keys), [], _nothing
+        late_set = set(late)
+
+        def settle() -> None:
+            t0 = time.perf_counter()
+            try:
+                self._arrive(late)
+            except BaseException:
+                self._invalidate(keys)
+                raise
+            waited = time.perf_counter() - t0
+            self.stats.stall_s += waited
+            if demand:
+                self.stats.demand_read_s += waited
+
+        return self._weights(keys), [i for i, k in enumerate(keys) if k in late_set], settle
+
+    def _fetch(self, layer: int, ids, wait: bool) -> list[int]:
+        """Makes ids' experts of `layer` resident (reads started; landed too if `wait`), then
+        starts the next layer's predicted reads; returns their keys."""
         li = self.index[layer]
         ids = [int(e) for e in ids]
         acc = self.cache.request(li, ids, self.step)
@@ -130,13 +182,18 @@ class CachedExperts:
         keys = [li * self.n_experts + e for e in ids]
         try:
             loaded = acc.loaded.tolist()
+            self._demand = bool(loaded)
             if loaded:
                 for key in loaded:
                     self.slot_of[key] = self.free.pop()
-                self._load(loaded)  # demand misses: read now
+                if wait:
+                    self._load(loaded)  # demand misses: read now
+                else:
+                    self._load_start(loaded)
                 self.stats.demand_loads += len(loaded)
                 self.stats.demand_read_s += time.perf_counter() - t0
-            self._arrive(keys)  # prefetched ones still on their way
+            if wait:
+                self._arrive(keys)  # prefetched ones still on their way
         except BaseException:
             self._invalidate(keys)  # never leave a half-filled slot marked resident
             raise
@@ -148,7 +205,7 @@ class CachedExperts:
             if not routed.unfetched:  # this layer's last group is in: start the next layer's reads
                 self._routed = None
                 self._predict(li, routed)
-        return self._weights(keys)
+        return keys
 
     def _weights(self, keys: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [self._views(k) for k in keys]

@@ -47,6 +47,9 @@ class DeviceExperts(CachedExperts):
         self.on_host: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # this fetch's CPU-computed keys
         self.moved = 0
 
+    # its experts are computed by torch where they are, on the device: nothing to stage
+    fetch_staged = None
+
     @property
     def bytes_moved(self) -> int:
         return self.moved

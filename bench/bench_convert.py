@@ -13,7 +13,9 @@ One calibration pass is shared by every conversion. Results: JSON plus a Markdow
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict
@@ -49,6 +51,13 @@ def main() -> None:
     ap.add_argument("--experts", type=int, nargs="+", default=[16, 32])
     ap.add_argument("--shares", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     ap.add_argument("--shared-fraction", type=float, default=0.125, help="shared experts as a share of E")
+    ap.add_argument(
+        "--dense-layers",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="first FFNs kept dense; K is then lowered so the whole model stays within the share",
+    )
     ap.add_argument("--workdir", default="bench/.cache/convert")
     ap.add_argument("--out", default="bench/out/convert.json")
     ap.add_argument("--threads", type=int, default=2)
@@ -72,8 +81,9 @@ def main() -> None:
     rows = []
     for E in a.experts:
         S = max(1, round(E * a.shared_fraction))
-        for share in a.shares:
-            K = round(share * E) - S
+        for share, N in itertools.product(a.shares, a.dense_layers):
+            L = dense.n_layers  # the N dense layers compute all their neurons: the others take fewer
+            K = math.floor((share * L - N) / (L - N) * E + 1e-9) - S
             runs = [(n, lr) for n in a.variants for lr in (a.finetune_lr if VARIANTS[n][2] else [0.0])]
             for name, lr in runs:
                 train, distill, e2e = VARIANTS[name]
@@ -82,8 +92,10 @@ def main() -> None:
                     if e2e
                     else FinetuneConfig()
                 )
-                cfg = ConvertConfig(E, K, S, train, distill, a.calibration_tokens, finetune=tune)
-                out = Path(a.workdir) / f"e{E}-k{K}-s{S}-{int(train)}{int(distill)}{e2e}"
+                cfg = ConvertConfig(
+                    E, K, S, train, distill, a.calibration_tokens, finetune=tune, dense_layers=N
+                )
+                out = Path(a.workdir) / f"e{E}-k{K}-s{S}-d{N}-{int(train)}{int(distill)}{e2e}"
                 label = f"{name} (lr {lr:g})" if len(a.finetune_lr) > 1 and e2e else name
                 shutil.rmtree(out, ignore_errors=True)
                 s = convert(dense, out, cfg, calib_ids, progress=bool(e2e), inputs=inputs)
@@ -92,7 +104,8 @@ def main() -> None:
                     experts=E,
                     shared=S,
                     top_k=K,
-                    active_share=cfg.active_share(),
+                    dense_layers=N,
+                    active_share=cfg.active_share(L),
                     variant=label,
                     perplexity=r.perplexity,
                     ratio=r.perplexity / base.perplexity,
@@ -128,7 +141,8 @@ def plot_curves(res: dict, path: Path) -> None:
     for r in res["rows"]:
         if r.get("finetune", {}).get("curve"):
             t, kl = zip(*r["finetune"]["curve"])
-            name = f"E={r['experts']} {100 * r['active_share']:.0f}% active, lr {r['finetune_lr']:g}"
+            dense = f", {r['dense_layers']} dense" if r.get("dense_layers") else ""
+            name = f"E={r['experts']}{dense} {100 * r['active_share']:.1f}% active, lr {r['finetune_lr']:g}"
             ax.plot(
                 [x / 1000 for x in t], kl, marker="o", markersize=3, label=f"{name}: {r['ratio']:.2f}× ppl"
             )
@@ -147,13 +161,17 @@ def table(res: dict) -> str:
         f"dense perplexity {res['dense_perplexity']:.3f}",
     ]
     names = list(dict.fromkeys(r["variant"] for r in res["rows"]))
-    lines += ["| E | shared | top-k | active | " + " | ".join(names) + " |", "|---" * (4 + len(names)) + "|"]
+    lines += [
+        "| E | shared | top-k | dense layers | active | " + " | ".join(names) + " |",
+        "|---" * (5 + len(names)) + "|",
+    ]
     keyed = {}
     for r in res["rows"]:
-        keyed.setdefault((r["experts"], r["shared"], r["top_k"], r["active_share"]), {})[r["variant"]] = r
-    for (E, S, K, share), v in keyed.items():
+        key = (r["experts"], r["shared"], r["top_k"], r.get("dense_layers", 0), r["active_share"])
+        keyed.setdefault(key, {})[r["variant"]] = r
+    for (E, S, K, N, share), v in keyed.items():
         cells = [f"{v[n]['perplexity']:.2f} ({v[n]['ratio']:.2f}×)" if n in v else "–" for n in names]
-        lines.append(f"| {E} | {S} | {K} | {100 * share:.0f}% | " + " | ".join(cells) + " |")
+        lines.append(f"| {E} | {S} | {K} | {N} | {100 * share:.1f}% | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

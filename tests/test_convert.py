@@ -144,6 +144,51 @@ def test_fewer_experts_change_the_output_and_runtime_top_k_restores_it(dense, tm
     assert (lm.model(ctx)[0] - want).abs().max().item() <= 1e-4
 
 
+def test_first_layers_kept_dense(dense, tmp_path):
+    """--dense-layers 1: layer 0 keeps the dense FFN's own tensors (no router, no experts) and is
+    computed as the dense FFN; the other layers are routed as usual (checked by hand); with every
+    expert routed at run time the model is the dense one again."""
+    model, ref = dense
+    out = converted(model, tmp_path, experts=8, top_k=3, shared=1, dense_layers=1)
+    w = load_file(str(out / "model.safetensors"))
+    for n in ("gate", "up", "down"):
+        name = f"model.layers.0.mlp.{n}_proj.weight"
+        assert torch.equal(w[name], model.tensors[name])
+    assert not any(k.startswith("model.layers.0.mlp.") and ("experts" in k or ".gate." in k) for k in w)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["first_k_dense_replace"] == 1
+    lm = load(out, progress=False)
+    n_layers = lm.args.n_layers
+    assert lm.args.moe_layers == list(range(1, n_layers))
+    x = torch.randn(12, 64, generator=torch.Generator().manual_seed(3))
+    g, u, d = (model.tensors[f"model.layers.0.mlp.{n}_proj.weight"] for n in ("gate", "up", "down"))
+    assert (lm.model.model.layers[0].mlp(x) - (F.silu(x @ g.T) * (x @ u.T)) @ d.T).abs().max().item() <= 1e-5
+    ctx = ForwardContext(
+        StepBatch.build([list(range(12))], [0], [0]),
+        KVCache.for_model(lm.args, 1, 12, torch.float32),
+        lm.experts,
+        Rotary(lm.args.attention.rope),
+        torch.float32,
+    )
+    want = direct_moe(w, 1, x, 3, 7)
+    assert (lm.model.model.layers[1].mlp(x, ctx, 1) - want).abs().max().item() <= 1e-5
+    tokens = prompt(16, seed=2)
+    with torch.no_grad():
+        dense_logits = ref(torch.tensor([tokens])).logits[0, -1]
+    ctx = ForwardContext(
+        StepBatch.build([tokens], [0], [0]),
+        KVCache.for_model(lm.args, 1, 16, torch.float32),
+        lm.experts,
+        Rotary(lm.args.attention.rope),
+        torch.float32,
+        row_top_k=[7],
+    )
+    assert (lm.model(ctx)[0] - dense_logits).abs().max().item() <= 1e-4
+    assert (
+        ConvertConfig(8, 3, 1, dense_layers=1).active_share(n_layers) == (1 + (n_layers - 1) * 0.5) / n_layers
+    )
+
+
 @pytest.mark.parametrize(
     "flags, needle",
     [
@@ -152,6 +197,7 @@ def test_fewer_experts_change_the_output_and_runtime_top_k_restores_it(dense, tm
         (["--experts", "8", "--top-k", "8", "--shared-experts", "1"], "--top-k must be in 1..7"),
         (["--experts", "8", "--top-k", "2", "--shared-experts", "8"], "--shared-experts"),
         (["--experts", "8", "--top-k", "2", "--dtype", "int8"], "--dtype must be one of float32"),
+        (["--experts", "8", "--top-k", "2", "--dense-layers", "2"], "--dense-layers must be in 0..1"),
     ],
 )
 def test_bad_conversion_settings(checkpoint, tmp_path, flags, needle):

@@ -38,7 +38,7 @@ def text() -> list[int]:
     return calibration(8 * WINDOW) * 8
 
 
-def tuned(model, out, router: bool = True, attention: bool = False):
+def tuned(model, out, router: bool = True, attention: bool = False, dense_layers: int = 0):
     tune = FinetuneConfig(
         tokens=40 * 4 * WINDOW,
         lr=1e-2,
@@ -48,7 +48,9 @@ def tuned(model, out, router: bool = True, attention: bool = False):
         train_attention=attention,
         eval_every=10,
     )
-    cfg = ConvertConfig(experts=8, top_k=2, shared=1, calibration_tokens=1024, finetune=tune)
+    cfg = ConvertConfig(
+        experts=8, top_k=2, shared=1, calibration_tokens=1024, finetune=tune, dense_layers=dense_layers
+    )
     return convert(model, out, cfg, text(), progress=False)
 
 
@@ -62,17 +64,19 @@ def kl_of_checkpoint(model, folder, ids: torch.Tensor) -> float:
     return F.kl_div(logp, teacher, log_target=True, reduction="batchmean").item()
 
 
-@pytest.mark.parametrize("attention", [False, True])
+@pytest.mark.parametrize("attention, dense_layers", [(False, 0), (True, 0), (False, 1)])
 def test_finetune_lowers_held_out_kl_and_the_checkpoint_computes_what_was_trained(
     dense,  # noqa: F811
     tmp_path,
     attention,
+    dense_layers,
 ):
     """With attention trained too, the written checkpoint carries the trained projections (the
-    engine's KL equals the trainer's) and the dense model the teacher used is left unchanged."""
+    engine's KL equals the trainer's) and the dense model the teacher used is left unchanged;
+    a first layer kept dense is the dense model's FFN in both, untrained."""
     model, _ = dense
     before = {k: v.clone() for k, v in model.tensors.items() if "self_attn" in k}
-    s = tuned(model, tmp_path / "moe", attention=attention)
+    s = tuned(model, tmp_path / "moe", attention=attention, dense_layers=dense_layers)
     assert all(torch.equal(model.tensors[k], v) for k, v in before.items())
     assert s.finetune is not None and s.finetune.steps == 40
     assert s.finetune.kl_after < 0.6 * s.finetune.kl_before

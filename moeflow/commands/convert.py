@@ -28,6 +28,13 @@ def add_parser(sub) -> None:
         metavar="FILE",
         help="calibration text files (default: builtin:calibration, Python's stdlib docstrings)",
     )
+    d.add_argument(
+        "--dense-layers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep the first N FFNs dense (the first layer loses the most from routing)",
+    )
     d.add_argument("--calibration-tokens", type=int, default=32768)
     d.add_argument("--no-router-training", action="store_true", help="keep the centroid router")
     d.add_argument("--distill", action="store_true", help="refit down projections to the dense output")
@@ -62,6 +69,7 @@ def run(a) -> int:
         experts=a.experts,
         top_k=a.top_k,
         shared=a.shared_experts,
+        dense_layers=a.dense_layers,
         train_router=not a.no_router_training,
         distill=a.distill,
         calibration_tokens=a.calibration_tokens,
@@ -80,10 +88,12 @@ def run(a) -> int:
     if a.json:
         print(json.dumps(asdict(s), indent=2))
         return 0
+    dense = f", the first {s.dense_layers} layer(s) dense" if s.dense_layers else ""
     print(
         f"wrote {s.out}: {s.experts} experts of {s.expert_width} neurons per layer "
-        f"({s.shared} shared, top-{s.top_k} routed), {100 * s.active_share:.1f}% of FFN neurons active "
-        f"per token | router picks {100 * s.router_mass_recall:.1f}% of the best top-k activation mass "
+        f"({s.shared} shared, top-{s.top_k} routed){dense}, "
+        f"{100 * s.active_share:.1f}% of FFN neurons active per token | router picks "
+        f"{100 * s.router_mass_recall:.1f}% of the best top-k activation mass "
         f"| calibrated on {s.calibration_tokens} tokens | {s.seconds:.0f} s"
     )
     if s.finetune:

@@ -25,6 +25,7 @@ class ConvertSummary:
     experts: int
     shared: int
     top_k: int
+    dense_layers: int  # the first layers, whose FFN stayed dense
     expert_width: int
     active_share: float  # FFN neurons computed per token
     calibration_tokens: int
@@ -44,6 +45,7 @@ def moe_config(dense: DenseModel, cfg: ConvertConfig, n_tokens: int) -> dict:
         num_experts_per_tok=cfg.top_k,
         moe_intermediate_size=m,
         shared_expert_intermediate_size=cfg.shared * m,
+        first_k_dense_replace=cfg.dense_layers,  # (DeepSeek's name for it)
         moeflow_conversion={**asdict(cfg), "source": dense.source, "calibration_tokens": n_tokens},
     )
     return c
@@ -60,7 +62,7 @@ def convert(
     """calibration: text, or token ids; inputs: FFN inputs already recorded by calibrate.ffn_inputs
     (reused across conversions; the end-to-end step still needs the calibration ids)."""
     t0 = time.perf_counter()
-    cfg.check(dense.config["intermediate_size"])
+    cfg.check(dense.config["intermediate_size"], dense.n_layers)
     ids = calibration if isinstance(calibration, list) else _encode(dense, calibration)
     tune = cfg.finetune.tokens > 0 and cfg.top_k < cfg.routed  # with every expert on, it is the dense model
     if tune:
@@ -69,13 +71,20 @@ def convert(
         inputs = ffn_inputs(dense, ids, cfg.calibration_tokens, progress)
     inputs = list(inputs)  # entries are dropped as layers are done; the caller's list stays whole
     n_tokens = inputs[0].shape[0]
+    first = cfg.dense_layers  # layers before it keep their dense FFN
     layers = []
     for i in tqdm(range(dense.n_layers), desc="converting", unit="layer", disable=not progress):
-        layers.append(convert_layer(inputs[i], *dense.ffn(i), cfg))
+        if i >= first:
+            layers.append(convert_layer(inputs[i], *dense.ffn(i), cfg))
         inputs[i] = None  # frees this layer's calibration states
-    tuned, trained = finetune(dense, layers, ids, cfg.top_k, cfg.finetune, progress) if tune else (None, {})
-    tensors = {k: v for k, v in dense.tensors.items() if ".mlp." not in k} | trained
-    for i, layer in enumerate(layers):
+    tuned, trained = (
+        finetune(dense, layers, ids, cfg.top_k, cfg.finetune, progress, first) if tune else (None, {})
+    )
+    dense_ffn = tuple(f"model.layers.{i}.mlp." for i in range(first))
+    tensors = {
+        k: v for k, v in dense.tensors.items() if ".mlp." not in k or k.startswith(dense_ffn)
+    } | trained
+    for i, layer in enumerate(layers, start=first):
         tensors.update(layer_tensors(i, layer))
     recall = [layer.stats.get("recall_trained", layer.stats["recall_centroid"]) for layer in layers]
     write_folder(out, moe_config(dense, cfg, n_tokens), saved_as(tensors, cfg.dtype), dense.tokenizer)
@@ -84,8 +93,9 @@ def convert(
         experts=cfg.experts,
         shared=cfg.shared,
         top_k=cfg.top_k,
+        dense_layers=cfg.dense_layers,
         expert_width=dense.config["intermediate_size"] // cfg.experts,
-        active_share=cfg.active_share(),
+        active_share=cfg.active_share(dense.n_layers),
         calibration_tokens=n_tokens,
         router_mass_recall=float(np.mean(recall)),
         seconds=time.perf_counter() - t0,
@@ -112,5 +122,5 @@ def convert_path(src: str, out: str, cfg: ConvertConfig, calibration: str, progr
     if out_path.exists():
         raise ConfigError(f"output folder already exists: {out_path}")
     dense = read_dense(src)
-    cfg.check(dense.config["intermediate_size"])  # before the slow calibration pass
+    cfg.check(dense.config["intermediate_size"], dense.n_layers)  # before the slow calibration pass
     return convert(dense, out_path, cfg, calibration, progress)

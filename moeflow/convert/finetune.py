@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -126,9 +127,16 @@ def _teacher(fwd: LlamaForward, batch: torch.Tensor) -> torch.Tensor:
 
 
 def finetune(
-    dense: DenseModel, layers: list, ids: list[int], top_k: int, cfg: FinetuneConfig, progress: bool = True
+    dense: DenseModel,
+    layers: list,
+    ids: list[int],
+    top_k: int,
+    cfg: FinetuneConfig,
+    progress: bool = True,
+    first: int = 0,
 ) -> tuple[FinetuneStats, dict[str, torch.Tensor]]:
-    """Trains `layers` (LayerMoE, updated in place) through the network on `ids`. Returns the
+    """Trains `layers` (LayerMoE of the model's layers first, first + 1, ..., updated in place;
+    the FFNs before `first` stay dense and frozen) through the network on `ids`. Returns the
     stats and the non-FFN tensors it trained (the attention projections, or none), by name."""
     t0 = time.perf_counter()
     check_tokens(cfg, len(ids))
@@ -138,6 +146,7 @@ def finetune(
     student = LlamaForward(dense, cfg.train_attention)
     students = [StudentFFN(layer, top_k, cfg.train_router) for layer in layers]
     params = [p for s in students for p in s.parameters() if p.requires_grad]
+    students = [partial(student.dense_ffn, i) for i in range(first)] + students  # one FFN per layer
     params += list(student.trainable.values())
     groups = [{"params": [p], "lr": cfg.lr * p.detach().pow(2).mean().sqrt().item()} for p in params]
     opt = torch.optim.Adam(groups)
@@ -170,7 +179,7 @@ def finetune(
                     )
     with torch.no_grad():
         after = _kl(student, students, val, val_teacher).item()
-    for s, layer in zip(students, layers):
+    for s, layer in zip(students[first:], layers):
         s.write_back(layer)
     tokens = steps * cfg.batch * cfg.window
     stats = FinetuneStats(tokens, steps, before, after, time.perf_counter() - t0, [*curve, (tokens, after)])

@@ -32,13 +32,22 @@ class ConvertConfig:
     calibration_tokens: int = 32768
     seed: int = 0
     dtype: str = "float32"  # on disk; routers and norms stay float32 (routing is rounding-sensitive)
+    # the first N FFNs stay dense, as DeepSeek keeps its first layers: the first layer is by far
+    # the most sensitive to losing neurons (SmolLM2-MoE: 0.59 nats of perplexity at k = 2 of 14,
+    # against 0.01-0.05 for most others, and 0.11 for the last; BENCHMARKS.md)
+    dense_layers: int = 0
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # end to end, after the layers
 
     @property
     def routed(self) -> int:
         return self.experts - self.shared
 
-    def check(self, ffn_width: int) -> None:
+    def check(self, ffn_width: int, n_layers: int | None = None) -> None:
+        if n_layers is not None and not 0 <= self.dense_layers < n_layers:
+            raise ConfigError(
+                f"--dense-layers must be in 0..{n_layers - 1} (the model has {n_layers} layers), "
+                f"got {self.dense_layers}"
+            )
         if self.experts < 1 or ffn_width % self.experts:
             raise ConfigError(f"--experts {self.experts} does not divide the FFN width {ffn_width}")
         if not 0 <= self.shared < self.experts:
@@ -53,8 +62,12 @@ class ConvertConfig:
             raise ConfigError(f"--calibration-tokens must be at least 256, got {self.calibration_tokens}")
         self.finetune.check()
 
-    def active_share(self) -> float:
-        return (self.shared + self.top_k) / self.experts
+    def active_share(self, n_layers: int | None = None) -> float:
+        """FFN neurons computed per token, over all layers (dense ones compute all of theirs)."""
+        moe = (self.shared + self.top_k) / self.experts
+        if not n_layers:
+            return moe
+        return (self.dense_layers + (n_layers - self.dense_layers) * moe) / n_layers
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Each layer's FFN neurons are partitioned into equal experts; a linear router picks the top-k
 and the chosen experts' outputs are summed with weight 1, so with k = E the layer is exactly
-the dense FFN. Optional shared experts are the always-on neurons, stored as one SwiGLU block."""
+the dense FFN. Optional shared experts are the always-on neurons, stored as one SwiGLU block.
+The first `first_k_dense_replace` layers may keep their dense FFN."""
 
 from ..layers.routing import topk_sum
 from . import hf
@@ -20,7 +21,7 @@ def args_from_config(cfg: dict) -> ModelArgs:
         **hf.common(cfg),
         attention=hf.gqa(cfg, qkv_bias=bool(cfg.get("attention_bias", False))),
         moe=moe,
-        moe_layers=list(range(cfg["num_hidden_layers"])),
+        moe_layers=list(range(cfg.get("first_k_dense_replace") or 0, cfg["num_hidden_layers"])),
     )
 
 

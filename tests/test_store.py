@@ -283,6 +283,27 @@ def test_aio_reads_in_chunks_are_exact(chat_model, monkeypatch, aio_path, dtype,
     assert s["misses"] * one <= s["bytes_read"] <= (s["misses"] + s["prefetches"]) * one
 
 
+def fail_first_read(store, hold: bool = False):
+    """The store's next read to complete comes back as an I/O error (then reads are normal
+    again); hold: until then, a look for completions without waiting finds none. Returns the
+    real reap."""
+    import errno
+
+    reap = store.q.reap
+
+    def failing(least):
+        if hold and not least:
+            return []
+        done = reap(least)
+        if done:
+            done[0] = (done[0][0], -errno.EIO)
+            store.q.reap = reap
+        return done
+
+    store.q.reap = failing
+    return reap
+
+
 def test_aio_failures_leave_no_key_without_its_bytes(chat_model, aio_path):
     """A submission the kernel refuses (during a prefetch) or a read that fails on completion
     (during a demand load) raises; the keys involved leave the cache, every bounce buffer comes
@@ -304,16 +325,7 @@ def test_aio_failures_leave_no_key_without_its_bytes(chat_model, aio_path):
     with pytest.raises(OSError, match="injected"):
         store.prefetch(layer, ids)
     store.q.submit = submit
-    reap = store.q.reap
-
-    def failing(least):  # the first read to complete comes back as an I/O error
-        done = reap(least)
-        if done:
-            done[0] = (done[0][0], -errno.EIO)
-            store.q.reap = reap
-        return done
-
-    store.q.reap = failing
+    reap = fail_first_read(store)
     with pytest.raises(OSError, match="Input/output error"):
         store.fetch(layer, ids)
     assert store.q.reap == reap
@@ -359,7 +371,6 @@ def test_aio_decode_computes_its_experts_in_memory_while_the_rest_land(chat_mode
 def test_aio_late_read_failing_raises_at_settle_and_leaves_no_key_without_bytes(chat_model, aio_path):
     """A demand read that fails after the token started computing: settle() raises, this fetch's
     keys leave the cache, and the next fetch reads them again, exactly."""
-    import errno
 
     resident = LLM(chat_model, progress=False).loaded.experts
     llm = LLM(chat_model, progress=False, expert_memory=8 * expert_bytes(chat_model), expert_io="aio")
@@ -367,18 +378,7 @@ def test_aio_late_read_failing_raises_at_settle_and_leaves_no_key_without_bytes(
     layer, ids = store.layers[0], [0, 1, 2, 3]
     keys = [store.index[layer] * store.n_experts + e for e in ids]
     store.fetch(layer, ids[:2])  # two resident, two to read
-    reap = store.q.reap
-
-    def failing(least):  # nothing lands before settle; then the first read back is an I/O error
-        if not least:
-            return []
-        done = reap(least)
-        if done:
-            done[0] = (done[0][0], -errno.EIO)
-            store.q.reap = reap
-        return done
-
-    store.q.reap = failing
+    fail_first_read(store, hold=True)  # nothing lands before settle
     weights, late, settle = store.fetch_staged(layer, ids)
     assert late == [2, 3]
     with pytest.raises(OSError, match="Input/output error"):

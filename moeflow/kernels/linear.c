@@ -181,22 +181,27 @@ static void swiglu_rows(const float *hbuf, float *act, int64_t P, int64_t I, int
     }
 }
 
-/* One token through some of a layer's experts: for the m experts listed in sel (indices into
- * w13/w2; NULL: the first m), the unweighted output y[e*H .. e*H+H) = W2_e (silu(G_e x) * U_e x), where
- * W13_e = [G_e; U_e] is [2I, H] and W2_e is [H, I]. Called from inside a parallel region: the
- * gate/up rows of every listed expert are shared by the team, then each thread computes its own
- * band [lo, hi) of every listed expert's down projection. Requires 2I and H multiples of 4;
- * hbuf holds m*2I floats, act m*I. */
-static void experts_part(int64_t m, const int64_t *sel, const void **w13, const void **w2, const float *x,
-                         float *y, float *hbuf, float *act, int64_t lo, int64_t hi, int64_t H, int64_t I,
-                         int dt) {
-    int64_t H16 = H / 16 * 16, I16 = I / 16 * 16, I2 = 2 * I;
+/* The activations silu(G_e x) * U_e x of the m experts listed in sel (indices into w13; NULL: the
+ * first m) into act [m, I], where W13_e = [G_e; U_e] is [2I, H]. Called from inside a parallel
+ * region, whose team shares the rows. Requires 2I and H multiples of 4; hbuf holds m*2I floats. */
+static void gate_up(int64_t m, const int64_t *sel, const void **w13, const float *x, float *hbuf, float *act,
+                    int64_t H, int64_t I, int dt) {
+    int64_t H16 = H / 16 * 16, I2 = 2 * I;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < m * I2; r += 4) {
         int64_t s = r / I2;
         tile_4x1(w13[sel ? sel[s] : s], r - s * I2, x, hbuf + s * I2, H, H16, dt);
     }
     swiglu_rows(hbuf, act, m, I, dt);
+}
+
+/* The listed experts' unweighted outputs y[e*H .. e*H+H) = W2_e act_e (W2_e is [H, I]): their
+ * activations (gate_up), then this thread's band [lo, hi) of each down projection. */
+static void experts_part(int64_t m, const int64_t *sel, const void **w13, const void **w2, const float *x,
+                         float *y, float *hbuf, float *act, int64_t lo, int64_t hi, int64_t H, int64_t I,
+                         int dt) {
+    int64_t I16 = I / 16 * 16;
+    gate_up(m, sel, w13, x, hbuf, act, H, I, dt);
     for (int64_t s = 0; s < m; s++) {
         int64_t e = sel ? sel[s] : s;
         for (int64_t j = lo; j < hi; j += 4) dot4(w2[e], j, act + s * I, y + e * H + j, I, I16, dt);
@@ -227,17 +232,12 @@ static void weighted_sum(int64_t n, const float *restrict scale, const float *re
  * (no reduction across threads). hbuf holds n*2I floats, act n*I. */
 void mf_moe_token(int64_t n, const void **w13, const void **w2, const float *scale, const float *x_in,
                   float *out, float *hbuf, float *act, int64_t H, int64_t I, int dt) {
-    int64_t H16 = H / 16 * 16, I16 = I / 16 * 16, I2 = 2 * I;
-    float *xp = dt == BF16 ? permute_for_bf16(x_in, 1, H, H16) : NULL;
+    int64_t I16 = I / 16 * 16;
+    float *xp = dt == BF16 ? permute_for_bf16(x_in, 1, H, H / 16 * 16) : NULL;
     const float *x = xp ? xp : x_in;
 #pragma omp parallel
     {
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < n * I2; r += 4) {
-            int64_t e = r / I2;
-            tile_4x1(w13[e], r - e * I2, x, hbuf + e * I2, H, H16, dt);
-        }
-        swiglu_rows(hbuf, act, n, I, dt);
+        gate_up(n, NULL, w13, x, hbuf, act, H, I, dt);
         int64_t lo, hi;
         band(H, &lo, &hi);
         for (int64_t j = lo; j < hi; j++) out[j] = 0.f;

@@ -101,10 +101,8 @@ def _single_token(
     x: torch.Tensor, w: torch.Tensor, ids: list[int], fetch: Fetch, stage: Stage | None
 ) -> torch.Tensor:
     experts, late, settle = stage(ids) if stage is not None else (fetch(ids), [], None)
-    if experts_usable(x, experts[0][0]):
-        return native_moe_token(x, w, experts, late, settle).to(
-            x.dtype
-        )  # one fused kernel call (two if late)
+    if experts_usable(x, experts[0][0]):  # one fused kernel call for the layer (two if some are late)
+        return native_moe_token(x, w, experts, late, settle).to(x.dtype)
     if late:
         settle()
     out = torch.zeros_like(x)

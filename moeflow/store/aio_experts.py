@@ -106,12 +106,8 @@ class AioExperts(TieredExperts):
         self._submit(keys)
 
     def _arrive(self, keys: list[int]) -> None:
-        if self._pending:
-            self._complete(self.q.reap(0))  # whatever landed meanwhile, without waiting
-            if self._pending:
-                self._wait(keys)
-        if self._failed:
-            self._raise(keys)
+        if self._landing(keys):
+            self._wait(keys)
 
     def _cancel(self, key: int) -> None:
         # its reads land in bounce buffers, never in the slot: the slot is free now, and the

@@ -76,7 +76,6 @@ class CachedExperts:
         self.stats = StoreStats()
         self.predictor = None  # an EnginePredictor (store.predict): names the next layer's experts
         self._routed = None
-        self._demand = False  # the last fetch had demand misses
         self._guess: dict[int, set[int]] = {}  # layer index -> experts predicted for its next use
 
     # ---- what a subclass provides
@@ -139,15 +138,14 @@ class CachedExperts:
         return self.slot_views[self.slot_of[key]]
 
     def fetch(self, layer: int, ids) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return self._weights(self._fetch(layer, ids, wait=True))
+        return self._weights(self._fetch(layer, ids, wait=True)[0])
 
     def fetch_staged(self, layer: int, ids) -> tuple[list, list[int], Callable[[], None]]:
         """Like fetch, but returns once the demand misses' reads are started rather than landed:
         (weights, positions in ids of those still arriving, settle). The weights at the other
         positions are usable now; settle() returns once the late ones are too (or raises why
         not). The caller computes the experts it has while the rest are read."""
-        keys = self._fetch(layer, ids, wait=False)
-        demand = self._demand
+        keys, demand = self._fetch(layer, ids, wait=False)
         try:
             late = self._landing(keys)
         except BaseException:
@@ -171,9 +169,10 @@ class CachedExperts:
 
         return self._weights(keys), [i for i, k in enumerate(keys) if k in late_set], settle
 
-    def _fetch(self, layer: int, ids, wait: bool) -> list[int]:
+    def _fetch(self, layer: int, ids, wait: bool) -> tuple[list[int], bool]:
         """Makes ids' experts of `layer` resident (reads started; landed too if `wait`), then
-        starts the next layer's predicted reads; returns their keys."""
+        starts the next layer's predicted reads; returns their keys and whether any was a
+        demand miss."""
         li = self.index[layer]
         ids = [int(e) for e in ids]
         acc = self.cache.request(li, ids, self.step)
@@ -182,7 +181,6 @@ class CachedExperts:
         keys = [li * self.n_experts + e for e in ids]
         try:
             loaded = acc.loaded.tolist()
-            self._demand = bool(loaded)
             if loaded:
                 for key in loaded:
                     self.slot_of[key] = self.free.pop()
@@ -205,7 +203,7 @@ class CachedExperts:
             if not routed.unfetched:  # this layer's last group is in: start the next layer's reads
                 self._routed = None
                 self._predict(li, routed)
-        return keys
+        return keys, bool(loaded)
 
     def _weights(self, keys: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [self._views(k) for k in keys]

@@ -115,9 +115,9 @@ def _windows(ids: list[int], window: int) -> torch.Tensor:
     return torch.tensor(ids[: n * window], dtype=torch.long).view(n, window)
 
 
-def _kl(fwd: LlamaForward, students, batch: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """fwd: the student's forward (its attention, trained or not), students: its FFNs."""
-    logp = torch.log_softmax(fwd.logits(batch, lambda i, x: students[i](x)), dim=-1)
+def _kl(fwd: LlamaForward, ffns, batch: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """fwd: the student's forward (its attention, trained or not), ffns: its FFN of each layer."""
+    logp = torch.log_softmax(fwd.logits(batch, lambda i, x: ffns[i](x)), dim=-1)
     return F.kl_div(logp.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
 
 
@@ -146,7 +146,7 @@ def finetune(
     student = LlamaForward(dense, cfg.train_attention)
     students = [StudentFFN(layer, top_k, cfg.train_router) for layer in layers]
     params = [p for s in students for p in s.parameters() if p.requires_grad]
-    students = [partial(student.dense_ffn, i) for i in range(first)] + students  # one FFN per layer
+    ffns = [partial(student.dense_ffn, i) for i in range(first)] + students  # one per layer, by index
     params += list(student.trainable.values())
     groups = [{"params": [p], "lr": cfg.lr * p.detach().pow(2).mean().sqrt().item()} for p in params]
     opt = torch.optim.Adam(groups)
@@ -154,7 +154,7 @@ def finetune(
     steps = max(1, math.ceil(cfg.tokens / (cfg.batch * cfg.window)))
     val_teacher = _teacher(fwd, val)
     with torch.no_grad():
-        before = _kl(student, students, val, val_teacher).item()
+        before = _kl(student, ffns, val, val_teacher).item()
     curve = [(0, before)]
     gen = torch.Generator().manual_seed(cfg.seed)
     order, cursor = torch.randperm(len(train), generator=gen), 0
@@ -167,7 +167,7 @@ def finetune(
                 order, cursor = torch.randperm(len(train), generator=gen), 0
             batch = train[order[cursor : cursor + cfg.batch]]
             cursor += cfg.batch
-            loss = _kl(student, students, batch, _teacher(fwd, batch))
+            loss = _kl(student, ffns, batch, _teacher(fwd, batch))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -175,11 +175,11 @@ def finetune(
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
                 with torch.no_grad():
                     curve.append(
-                        ((step + 1) * cfg.batch * cfg.window, _kl(student, students, val, val_teacher).item())
+                        ((step + 1) * cfg.batch * cfg.window, _kl(student, ffns, val, val_teacher).item())
                     )
     with torch.no_grad():
-        after = _kl(student, students, val, val_teacher).item()
-    for s, layer in zip(students[first:], layers):
+        after = _kl(student, ffns, val, val_teacher).item()
+    for s, layer in zip(students, layers):
         s.write_back(layer)
     tokens = steps * cfg.batch * cfg.window
     stats = FinetuneStats(tokens, steps, before, after, time.perf_counter() - t0, [*curve, (tokens, after)])

@@ -42,8 +42,8 @@ class ConvertConfig:
     def routed(self) -> int:
         return self.experts - self.shared
 
-    def check(self, ffn_width: int, n_layers: int | None = None) -> None:
-        if n_layers is not None and not 0 <= self.dense_layers < n_layers:
+    def check(self, ffn_width: int, n_layers: int) -> None:
+        if not 0 <= self.dense_layers < n_layers:
             raise ConfigError(
                 f"--dense-layers must be in 0..{n_layers - 1} (the model has {n_layers} layers), "
                 f"got {self.dense_layers}"
@@ -62,11 +62,9 @@ class ConvertConfig:
             raise ConfigError(f"--calibration-tokens must be at least 256, got {self.calibration_tokens}")
         self.finetune.check()
 
-    def active_share(self, n_layers: int | None = None) -> float:
+    def active_share(self, n_layers: int) -> float:
         """FFN neurons computed per token, over all layers (dense ones compute all of theirs)."""
         moe = (self.shared + self.top_k) / self.experts
-        if not n_layers:
-            return moe
         return (self.dense_layers + (n_layers - self.dense_layers) * moe) / n_layers
 
 

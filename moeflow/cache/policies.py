@@ -158,13 +158,22 @@ class Cyclic(Reuse):
         super().__init__(n_layers * n_experts, half_life)
         self.n_layers, self.n_experts = n_layers, n_experts
         self.full = -np.log2(1 - 2 ** (-1 / half_life))  # log2 count of a key used every token
-        self.layer = 0  # the layer running now (the last one touched)
-        self.t = 0
+        self._lt = np.zeros(
+            2, dtype=np.int64
+        )  # the last touch: (layer, token), which native code updates too
+
+    @property
+    def layer(self) -> int:  # the layer running now (the last one touched)
+        return int(self._lt[0])
+
+    @property
+    def t(self) -> int:
+        return int(self._lt[1])
 
     def touch(self, keys: np.ndarray, t: int) -> None:
         super().touch(keys, t)
         if len(keys):
-            self.layer, self.t = int(keys[0]) // self.n_experts, t
+            self._lt[:] = (int(keys[0]) // self.n_experts, t)
 
     def priority(self, keys: np.ndarray) -> np.ndarray:
         # (in place, on one array: asked on every miss, for every resident key)

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .capacity import CacheCapacity
+from .native import twin
 from .policies import Policy
 
 _NONE = np.zeros(0, dtype=np.int64)
@@ -51,7 +52,9 @@ class Access:
 
 
 class ExpertCache:
-    def __init__(self, n_layers: int, n_experts: int, capacity: CacheCapacity, policy: Policy):
+    def __init__(
+        self, n_layers: int, n_experts: int, capacity: CacheCapacity, policy: Policy, native: bool = True
+    ):
         self.n_layers, self.n_experts = n_layers, n_experts
         self.capacity, self.policy = capacity, policy
         n = n_layers * n_experts
@@ -59,10 +62,20 @@ class ExpertCache:
         self.pending = np.zeros(n, dtype=bool)  # prefetched and not yet asked for
         self.count = np.zeros(n_layers, dtype=np.int64)  # resident keys per layer
         self._protect = np.zeros(n, dtype=bool)  # in use by the current request: never a victim
-        self._total = 0  # resident keys in all (count.sum(), kept as an int: asked every request)
+        self._n = np.zeros(1, dtype=np.int64)  # resident keys in all (count.sum(), asked every request)
         # the same flags as bytes, for the one-key-at-a-time reads of the engine's paths
         self._res, self._pend = _bytes(self.resident), _bytes(self.pending)
         self.stats = CacheStats()
+        # the engine's paths in one native call, where the policy has one (cache.native)
+        self._native = twin(self) if native else None
+
+    @property
+    def _total(self) -> int:
+        return int(self._n[0])
+
+    @_total.setter
+    def _total(self, n: int) -> None:
+        self._n[0] = n
 
     def __len__(self) -> int:
         return self._total
@@ -77,6 +90,8 @@ class ExpertCache:
         `request_layers` with one row, written for a handful of keys, where each numpy call costs
         more than the arithmetic (several µs each between the model's kernels), so membership is
         read and written one key at a time through byte views of the flag arrays."""
+        if self._native is not None:
+            return self._native.request(layer, ids, t)
         keys = self._keys(layer, ids)
         self.capacity.check_fits(len(keys), "experts of one layer-step")
         res, pend = self._res, self._pend
@@ -126,6 +141,8 @@ class ExpertCache:
         """Bring in experts `ids` of `layer` ahead of token t's use, counting no demand access.
         `protect`: keys in use right now (the running layer's), which must stay. The engine's
         path, like `request`."""
+        if self._native is not None:
+            return self._native.prefetch(layer, ids, t, protect)
         keys = self._keys(layer, ids)
         held = keys if protect is None or not len(protect) else keys + [int(k) for k in protect]
         if self.capacity.per_layer is None:  # (per layer, only this layer's keys compete)

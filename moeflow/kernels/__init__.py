@@ -1,4 +1,5 @@
-"""Native small-M linear kernel, compiled on first use with the machine's C compiler.
+"""Native kernels (small-M linear, fused experts; cache decisions in cache.c), compiled on first
+use with the machine's C compiler.
 
 Falls back to torch (returns None from `native()`) when there is no compiler, the CPU lacks
 AVX2/FMA/F16C, or MOEFLOW_NATIVE=0; results are the same up to float rounding either way."""
@@ -39,24 +40,44 @@ def _build_dir() -> Path:
     return cache_dir() / "kernels"
 
 
+def _compile(src_path: Path, flags: list[str]) -> Path | None:
+    """The shared library built from one C file with these flags (cached by their hash), or None
+    without a compiler or when the build fails."""
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        return None
+    src = src_path.read_bytes()
+    tag = hashlib.sha256(src + " ".join([cc, *flags, platform.node()]).encode()).hexdigest()[:16]
+    out = _build_dir() / f"mf_{src_path.stem}_{tag}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        r = subprocess.run([cc, *flags, "-o", str(tmp), str(src_path)], capture_output=True, text=True)
+        if r.returncode != 0:
+            return None
+        tmp.rename(out)
+    return out
+
+
+@cache
+def native_cache():
+    """The cache-decision library (cache.c), or None without a compiler or with MOEFLOW_NATIVE=0.
+    Plain C and libm: no CPU feature is needed, and no floating-point contraction is allowed
+    (its float state must match numpy's bit for bit)."""
+    if os.environ.get("MOEFLOW_NATIVE", "1") == "0":
+        return None
+    out = _compile(_SRC.with_name("cache.c"), ["-O2", "-ffp-contract=off", "-shared", "-fPIC"])
+    return None if out is None else ctypes.CDLL(str(out))
+
+
 @cache
 def native():
     """The loaded library, or None when the native path is unavailable."""
     if os.environ.get("MOEFLOW_NATIVE", "1") == "0" or not _cpu_ok():
         return None
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
+    out = _compile(_SRC, _FLAGS)
+    if out is None:
         return None
-    src = _SRC.read_bytes()
-    tag = hashlib.sha256(src + " ".join([cc, *_FLAGS, platform.node()]).encode()).hexdigest()[:16]
-    out = _build_dir() / f"mf_linear_{tag}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        r = subprocess.run([cc, *_FLAGS, "-o", str(tmp), str(_SRC)], capture_output=True, text=True)
-        if r.returncode != 0:
-            return None
-        tmp.rename(out)
     lib = ctypes.CDLL(str(out))  # torch is imported, so its libgomp.so.1 is the one this binds to
     ptr, i64, P = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p)
     lib.mf_linear.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]

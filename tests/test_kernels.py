@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeflow.kernels import experts_usable, native, native_linear, native_moe_token
+from moeflow.kernels import TopLogits, experts_usable, native, native_linear, native_moe_token
 from moeflow.layers.experts import run_experts
 
 pytestmark = pytest.mark.skipif(native() is None, reason="no native kernel on this machine")
@@ -122,3 +122,24 @@ def test_moe_grouped(dtype, counts):
             want = expert_ref(xs[p : p + 1], torch.ones(1), [pair])
             assert (got[p] - want).abs().max().item() < 1e-4
         start += n
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "E,H,k,bias", [(32, 576, 10, False), (32, 576, 8, True), (5, 13, 5, True), (64, 100, 1, False)]
+)
+def test_top_logits_pick_what_torch_topk_picks(dtype, E, H, k, bias):
+    """The look-ahead's one-call guess: the same experts, best first, as linear + topk."""
+    g = torch.Generator().manual_seed(E + H + k)
+    top = TopLogits(E, H, k)
+    for _ in range(20):
+        w, x = torch.randn(E, H, generator=g), torch.randn(1, H, generator=g).to(dtype)
+        b = torch.randn(E, generator=g) if bias else None
+        want = torch.topk(F.linear(x.float(), w, b), k).indices[0].tolist()
+        assert top(x, w, b) == want
+
+
+def test_top_logits_skip_nan():
+    """A NaN logit is never guessed while finite ones remain (a guess only orders reads)."""
+    w, x = torch.eye(4), torch.tensor([[1.0, 4.0, 3.0, 2.0]])
+    assert TopLogits(4, 4, 3)(x, w, torch.tensor([0.0, float("nan"), 0.0, 0.0])) == [2, 3, 0]

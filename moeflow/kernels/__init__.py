@@ -21,6 +21,7 @@ import torch
 _SRC = Path(__file__).with_name("linear.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DTYPES = tuple(_DTYPES)  # what the native kernels read
 _NEEDS = ("avx2", "fma", "f16c")
 
 
@@ -64,9 +65,19 @@ def native_cache():
     """The cache-decision library (cache.c), or None without a compiler or with MOEFLOW_NATIVE=0.
     Plain C and libm: no CPU feature is needed, and no floating-point contraction is allowed
     (its float state must match numpy's bit for bit)."""
+    return _plain("cache.c", ["-ffp-contract=off"])
+
+
+@cache
+def native_aio():
+    """Linux AIO submission and reaping in one call a batch (aio.c), or None as native_cache."""
+    return _plain("aio.c", []) if platform.system() == "Linux" else None
+
+
+def _plain(name: str, flags: list[str]):
     if os.environ.get("MOEFLOW_NATIVE", "1") == "0":
         return None
-    out = _compile(_SRC.with_name("cache.c"), ["-O2", "-ffp-contract=off", "-shared", "-fPIC"])
+    out = _compile(_SRC.with_name(name), ["-O2", *flags, "-shared", "-fPIC"])
     return None if out is None else ctypes.CDLL(str(out))
 
 
@@ -103,6 +114,8 @@ def native():
     lib.mf_moe_token_part.restype = None
     lib.mf_moe_grouped.argtypes = [i64, P, P, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.mf_moe_grouped.restype = None
+    lib.mf_topk_logits.argtypes = [ptr, ctypes.c_int, ptr, ptr, i64, i64, i64, ptr, ptr]
+    lib.mf_topk_logits.restype = None
     return lib
 
 
@@ -200,3 +213,20 @@ def native_moe_grouped(xs: torch.Tensor, experts, counts: list[int]) -> torch.Te
     ptrs = [t.data_ptr() for t in (off, xs, hbuf, act, y)]
     lib.mf_moe_grouped(n, w13, w2, *ptrs, P, H, I, _DTYPES[experts[0][0].dtype])
     return y
+
+
+class TopLogits:
+    """The k largest logits of one row x [1, H] against w [E, H] (+ bias), best first, in one
+    native call; reuses its buffers (one per caller, single-threaded)."""
+
+    def __init__(self, E: int, H: int, k: int):
+        self.k = min(k, E)
+        self.out = torch.empty(self.k, dtype=torch.int64)
+        self.scratch = torch.empty(H + E, dtype=torch.float32)
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> list[int]:
+        E, H = w.shape
+        b = None if bias is None else bias.data_ptr()
+        out, scratch = self.out.data_ptr(), self.scratch.data_ptr()
+        native().mf_topk_logits(x.data_ptr(), _DTYPES[x.dtype], w.data_ptr(), b, E, H, self.k, out, scratch)
+        return self.out.tolist()

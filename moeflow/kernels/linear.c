@@ -333,3 +333,28 @@ void mf_moe_grouped(int64_t n_groups, const void **w13, const void **w2, const i
     }
     free(xp);
 }
+
+/* The k largest of w [E, H] (fp32) . x [H] (+ bias), best first (ties: the lower index): a
+   prefetch look-ahead's guess for one decode token, in one call instead of four torch ops. */
+void mf_topk_logits(const void *x_in, int xdt, const float *w, const float *bias, int64_t E, int64_t H,
+                    int64_t k, int64_t *out, float *scratch /* [H + E] */) {
+    float *x = scratch, *logit = scratch + H;
+    for (int64_t i = 0; i < H; i++) x[i] = load1(x_in, i, xdt);
+    int64_t H8 = H & ~(int64_t)7;
+    for (int64_t e = 0; e < E; e++) {
+        const float *r = w + e * H;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < H8; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(r + i), _mm256_loadu_ps(x + i), acc);
+        float s = hsum(acc);
+        for (int64_t i = H8; i < H; i++) s += r[i] * x[i];
+        logit[e] = bias ? s + bias[e] : s;
+    }
+    for (int64_t j = 0; j < k && j < E; j++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; e++)
+            if (logit[e] == logit[e] && (best < 0 || logit[e] > logit[best])) best = e;  // (NaN: skipped)
+        if (best < 0) best = j;  // (NaN logits: any id will do, a guess never changes an output)
+        out[j] = best;
+        logit[best] = NAN;  // taken
+    }
+}

@@ -81,6 +81,5 @@ class LearnedLookahead(Lookahead):
         m = torch.from_numpy(np.ascontiguousarray(maps)).to(device)
         self.maps = [(m[i, :, :H].contiguous(), m[i, :, H].contiguous()) for i in range(len(m))]
 
-    def _logits(self, li: int, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.maps[li]
-        return torch.nn.functional.linear(x.float(), weight, bias)
+    def _map(self, li: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.maps[li]

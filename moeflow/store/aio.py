@@ -16,6 +16,10 @@ import functools
 import os
 import platform
 
+import numpy as np
+
+from .. import kernels
+
 # (io_setup, io_destroy, io_getevents, io_submit) per architecture: x86_64 has its own numbers,
 # arm64 uses the generic table
 _SYSCALLS = {"x86_64": (206, 207, 208, 209), "aarch64": (0, 1, 4, 2), "arm64": (0, 1, 4, 2)}
@@ -87,12 +91,23 @@ class AioQueue:
         self.slot_of: dict[int, int] = {}  # tag -> its control block
         self.events = (_Event * depth)()
         self.in_flight = 0
+        # where the native helper builds, it fills the control blocks and reaps in one call a batch
+        self.lib = kernels.native_aio()
+        if self.lib is not None:
+            i64, ptr = ctypes.c_int64, ctypes.c_void_p
+            self.lib.mf_aio_submit.argtypes = [ctypes.c_uint64, ptr, ptr, i64, ptr]
+            self.lib.mf_aio_reap.argtypes = [ctypes.c_uint64, i64, i64, ptr, ptr]
+            self.lib.mf_aio_submit.restype = self.lib.mf_aio_reap.restype = i64
+            self._err = ctypes.c_int64(0)
+            self._out = np.zeros(2 * depth, dtype=np.int64)
 
     def submit(self, reads: list[tuple[int, int, int, int, int]]) -> None:
         """reads: (tag, fd, buffer address, nbytes, file offset); at most len(free) of them."""
         n = len(reads)
         if n > len(self.free):
             raise ValueError(f"{n} reads submitted with {len(self.free)} free control blocks")
+        if self.lib is not None:
+            return self._submit_native(reads)
         ptrs = []
         for tag, fd, addr, nbytes, offset in reads:
             j = self.free.pop()
@@ -119,10 +134,39 @@ class AioQueue:
             done += got
         self.in_flight += n
 
+    def _submit_native(self, reads: list[tuple[int, int, int, int, int]]) -> None:
+        flat = []
+        for tag, fd, addr, nbytes, offset in reads:
+            j = self.free.pop()
+            self.slot_of[tag] = j
+            flat += (tag, j, fd, addr, nbytes, offset)
+        done = self.lib.mf_aio_submit(
+            self.ctx.value, ctypes.addressof(self.iocbs), (ctypes.c_int64 * len(flat))(*flat), len(reads),
+            ctypes.byref(self._err),
+        )  # fmt: skip
+        self.in_flight += done
+        if done < len(reads):
+            for tag, *_ in reads[done:]:  # never submitted: their blocks are free again
+                self.free.append(self.slot_of.pop(tag))
+            e = self._err.value
+            raise OSError(e, f"io_submit: {os.strerror(e)}")
+
     def reap(self, least: int) -> list[tuple[int, int]]:
         """Waits for at least `least` completions (0: only those already done); returns
         (tag, result) pairs, result being bytes read or -errno."""
         least = min(least, self.in_flight)
+        if self.lib is not None:
+            got = self.lib.mf_aio_reap(
+                self.ctx.value, least, self.depth, ctypes.addressof(self.events), self._out.ctypes.data
+            )
+            if got < 0:
+                raise OSError(-got, f"io_getevents: {os.strerror(-got)}")
+            flat = self._out[: 2 * got].tolist()
+            out = list(zip(flat[::2], flat[1::2]))
+            for tag, _ in out:
+                self.free.append(self.slot_of.pop(tag))
+            self.in_flight -= got
+            return out
         while True:
             got = self.sys(
                 self.getevents, self.ctx, ctypes.c_long(least), ctypes.c_long(self.depth), self.events, None

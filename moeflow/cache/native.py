@@ -108,43 +108,57 @@ class NativeCyclic:
             raise AssertionError("native cache refused keys that fit")
 
     def request(self, layer: int, ids, t: int):
+        loaded, evicted = self.request_lists(layer, ids, t)
+        m, n_new, _, first, _ = self._res.tolist()
+        return self._access(
+            np.array([m - n_new]), np.array([n_new]), np.array([first]), _ints(loaded), _ints(evicted)
+        )
+
+    def request_lists(self, layer: int, ids, t: int) -> tuple[list[int], list[int]]:
+        """request's keys loaded and evicted, as lists: all the engine's fetch reads of it."""
         n = self._put(ids)
         rc = self._request(self._ref, layer, self._ids_at, n, t)
         self._check(rc, "experts of one layer-step")
         m, n_new, n_ev, first, wasted = self._res.tolist()
         s = self.cache.stats
         s.accesses, s.hits, s.misses = s.accesses + m, s.hits + m - n_new, s.misses + n_new
-        s.prefetch_hits += first
-        s.evictions += n_ev
-        s.wasted_prefetches += wasted
-        return self._access(
-            np.array([m - n_new]),
-            np.array([n_new]),
-            np.array([first]),
-            self._loaded[:n_new].copy(),
-            self._evicted[:n_ev].copy(),
-        )
+        if first:
+            s.prefetch_hits += first
+        if n_ev:
+            s.evictions += n_ev
+            s.wasted_prefetches += wasted
+        return self._lists(n_new, n_ev)
 
     def prefetch(self, layer: int, ids, t: int, protect=None):
+        loaded, evicted = self.prefetch_lists(layer, ids, t, protect)
+        m, n_new = self._res.tolist()[:2]
+        return self._access(
+            np.array([m - n_new]), np.array([n_new]), np.zeros(1, int), _ints(loaded), _ints(evicted)
+        )
+
+    def prefetch_lists(self, layer: int, ids, t: int, protect=None) -> tuple[list[int], list[int]]:
         n = self._put(ids)
         if protect is None or not len(protect):
             prot, n_prot = None, 0
         else:
-            prot = np.ascontiguousarray(protect, dtype=np.int64)
-            n_prot = len(prot)
-        rc = self._prefetch(
-            self._ref, layer, self._ids_at, n, None if prot is None else prot.ctypes.data, n_prot
-        )
+            protect = protect.tolist() if hasattr(protect, "tolist") else protect
+            n_prot = len(protect)
+            prot = (ctypes.c_int64 * n_prot)(*protect)
+        rc = self._prefetch(self._ref, layer, self._ids_at, n, prot, n_prot)
         self._check(rc, "experts of a prefetch and of the layer running")
-        m, n_new, n_ev, _, wasted = self._res.tolist()
+        _, n_new, n_ev, _, wasted = self._res.tolist()
         s = self.cache.stats
         s.prefetches += n_new
-        s.evictions += n_ev
-        s.wasted_prefetches += wasted
-        return self._access(
-            np.array([m - n_new]),
-            np.array([n_new]),
-            np.zeros(1, int),
-            self._loaded[:n_new].copy(),
-            self._evicted[:n_ev].copy(),
+        if n_ev:
+            s.evictions += n_ev
+            s.wasted_prefetches += wasted
+        return self._lists(n_new, n_ev)
+
+    def _lists(self, n_new: int, n_ev: int) -> tuple[list[int], list[int]]:
+        return (self._loaded[:n_new].tolist() if n_new else []), (
+            self._evicted[:n_ev].tolist() if n_ev else []
         )
+
+
+def _ints(keys: list[int]) -> np.ndarray:
+    return np.array(keys, dtype=np.int64)

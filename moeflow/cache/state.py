@@ -111,6 +111,20 @@ class ExpertCache:
             np.array([n_hit]), np.array([len(new)]), np.array([len(first_use)]), _array(new), evicted
         )
 
+    def request_lists(self, layer: int, ids, t: int) -> tuple[list[int], list[int]]:
+        """request's keys loaded and evicted, as lists (all the engine's fetch reads of it)."""
+        if self._native is not None:
+            return self._native.request_lists(layer, ids, t)
+        acc = self.request(layer, ids, t)
+        return acc.loaded.tolist(), acc.evicted.tolist()
+
+    def prefetch_lists(self, layer: int, ids, t: int, protect=None) -> tuple[list[int], list[int]]:
+        """prefetch's keys loaded and evicted, as lists."""
+        if self._native is not None:
+            return self._native.prefetch_lists(layer, ids, t, protect)
+        acc = self.prefetch(layer, ids, t, protect)
+        return acc.loaded.tolist(), acc.evicted.tolist()
+
     def request_layers(self, layers: np.ndarray, ids: np.ndarray, t: int) -> Access:
         """Several distinct layers of token t at once ([n] layers, [n, K] ids). Only a per-layer
         cache accepts more than one: its layers never compete, so their order does not matter."""

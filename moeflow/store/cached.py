@@ -175,12 +175,12 @@ class CachedExperts:
         demand miss."""
         li = self.index[layer]
         ids = [int(e) for e in ids]
-        acc = self.cache.request(li, ids, self.step)
-        self._release(acc.evicted)
+        loaded, evicted = self.cache.request_lists(li, ids, self.step)
+        if evicted:
+            self._release(evicted)
         t0 = time.perf_counter()
         keys = [li * self.n_experts + e for e in ids]
         try:
-            loaded = acc.loaded.tolist()
             if loaded:
                 for key in loaded:
                     self.slot_of[key] = self.free.pop()
@@ -232,9 +232,9 @@ class CachedExperts:
         li = self.index[layer]
         if not len(ids) or self.cache.all_resident(li, ids):  # (the usual case at a large budget)
             return
-        acc = self.cache.prefetch(li, ids, self.step, protect=self.in_use)
-        self._release(acc.evicted)
-        loaded = acc.loaded.tolist()
+        loaded, evicted = self.cache.prefetch_lists(li, ids, self.step, protect=self.in_use)
+        if evicted:
+            self._release(evicted)
         for key in loaded:
             self.slot_of[key] = self.free.pop()
         try:
@@ -262,8 +262,8 @@ class CachedExperts:
         picks = len(flat) - flat.count(-1)
         self._routed = _Routed(layer, x, ids, used, set(used), picks)
 
-    def _release(self, evicted: np.ndarray) -> None:
-        for key in evicted.tolist():
+    def _release(self, evicted: list[int]) -> None:
+        for key in evicted:
             self._cancel(key)
             self.free.append(int(self.slot_of[key]))
             self.slot_of[key] = -1
@@ -271,7 +271,9 @@ class CachedExperts:
     def _invalidate(self, keys: list[int]) -> None:
         """After a failed load: the keys leave the cache and their slots are free again, so a
         later request loads them afresh instead of computing with partial bytes."""
-        self._release(self.cache.drop(np.asarray(keys, dtype=np.int64)))  # (resident keys have slots)
+        self._release(
+            self.cache.drop(np.asarray(keys, dtype=np.int64)).tolist()
+        )  # (resident keys have slots)
 
     def report(self) -> dict:
         return self.stats.report(self)

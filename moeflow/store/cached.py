@@ -271,9 +271,8 @@ class CachedExperts:
     def _invalidate(self, keys: list[int]) -> None:
         """After a failed load: the keys leave the cache and their slots are free again, so a
         later request loads them afresh instead of computing with partial bytes."""
-        self._release(
-            self.cache.drop(np.asarray(keys, dtype=np.int64)).tolist()
-        )  # (resident keys have slots)
+        dropped = self.cache.drop(np.asarray(keys, dtype=np.int64))  # (resident keys have slots)
+        self._release(dropped.tolist())
 
     def report(self) -> dict:
         return self.stats.report(self)

@@ -102,3 +102,18 @@ def test_native_cyclic_errors_match():
 
 def test_only_the_cyclic_policy_goes_native():
     assert ExpertCache(L, E, CacheCapacity(total=8), LRU(L * E))._native is None
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_per_layer_prefetch_counts_the_protected_keys_of_its_own_layer(native):
+    """A per-layer cache of one MoE layer prefetches into the layer running: its experts in use
+    count against the layer's budget, and are never evicted for the prefetch."""
+    cache = ExpertCache(1, 8, CacheCapacity(per_layer=3), Cyclic(1, 8), native=native)
+    cache.request(0, [0, 1], 1)
+    with pytest.raises(ConfigError, match="smaller than the 4 experts of a prefetch and of the layer"):
+        cache.prefetch(0, [2, 3], 1, protect=np.array([0, 1]))
+    assert len(cache) == 2 and cache.resident[[0, 1]].all()
+    acc = cache.prefetch(0, [2], 1, protect=np.array([0, 1]))
+    assert acc.loaded.tolist() == [2] and len(cache) == 3 and cache.resident[[0, 1, 2]].all()
+    with pytest.raises(IndexError):
+        cache.request(1, [0], 2)  # a layer the cache does not have

@@ -44,8 +44,9 @@ class _State(ctypes.Structure):  # mf_cache in cache.c
 def twin(cache) -> NativeCyclic | None:
     """The native engine path for `cache`, where its policy is exactly Cyclic and the library
     builds; None otherwise (the numpy path serves)."""
-    if type(cache.policy) is not Cyclic:
-        return None
+    policy = cache.policy
+    if type(policy) is not Cyclic or (policy.n_layers, policy.n_experts) != (cache.n_layers, cache.n_experts):
+        return None  # (a policy of another geometry: numpy's path raises where C would overrun)
     lib = native_cache()
     return None if lib is None else NativeCyclic(cache, lib)
 
@@ -105,7 +106,10 @@ class NativeCyclic:
             raise ValueError(f"expert id {int(self._res[0])} out of range for {self.cache.n_experts} experts")
         if rc == -2:
             self.cache.capacity.check_fits(int(self._res[0]), what)  # raises, naming the budget
-            raise AssertionError("native cache refused keys that fit")
+        if rc == -4:
+            raise IndexError(f"layer or protected key out of range for {self.cache.n_layers} layers")
+        if rc:
+            raise RuntimeError(f"native expert cache failed ({rc}): too few experts to evict")
 
     def request(self, layer: int, ids, t: int):
         loaded, evicted = self.request_lists(layer, ids, t)

@@ -159,10 +159,9 @@ class ExpertCache:
             return self._native.prefetch(layer, ids, t, protect)
         keys = self._keys(layer, ids)
         held = keys if protect is None or not len(protect) else keys + [int(k) for k in protect]
-        if self.capacity.per_layer is None:  # (per layer, only this layer's keys compete)
-            self.capacity.check_fits(len(set(held)), "experts of a prefetch and of the layer running")
-        else:
-            self.capacity.check_fits(len(keys), "experts of a prefetch and of the layer running")
+        if self.capacity.per_layer is not None:  # (per layer, only this layer's keys compete)
+            held = [k for k in held if k // self.n_experts == layer]
+        self.capacity.check_fits(len(set(held)), "experts of a prefetch and of the layer running")
         res, pend = self._res, self._pend
         new = [k for k in keys if not res[k]]
         evicted = self._make_room_one(layer, len(new), held)

@@ -50,13 +50,16 @@ def _compile(src_path: Path, flags: list[str]) -> Path | None:
     src = src_path.read_bytes()
     tag = hashlib.sha256(src + " ".join([cc, *flags, platform.node()]).encode()).hexdigest()[:16]
     out = _build_dir() / f"mf_{src_path.stem}_{tag}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        r = subprocess.run([cc, *flags, "-o", str(tmp), str(src_path)], capture_output=True, text=True)
-        if r.returncode != 0:
-            return None
-        tmp.rename(out)
+    try:
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(f".{os.getpid()}.tmp")
+            r = subprocess.run([cc, *flags, "-o", str(tmp), str(src_path)], capture_output=True, text=True)
+            if r.returncode != 0:
+                return None
+            tmp.rename(out)
+    except OSError:  # (a cache directory that cannot be written)
+        return None
     return out
 
 
@@ -78,7 +81,10 @@ def _plain(name: str, flags: list[str]):
     if os.environ.get("MOEFLOW_NATIVE", "1") == "0":
         return None
     out = _compile(_SRC.with_name(name), ["-O2", *flags, "-shared", "-fPIC"])
-    return None if out is None else ctypes.CDLL(str(out))
+    try:
+        return None if out is None else ctypes.CDLL(str(out))
+    except OSError:  # (a cache directory mounted noexec)
+        return None
 
 
 @cache
@@ -87,9 +93,12 @@ def native():
     if os.environ.get("MOEFLOW_NATIVE", "1") == "0" or not _cpu_ok():
         return None
     out = _compile(_SRC, _FLAGS)
-    if out is None:
+    try:
+        lib = None if out is None else ctypes.CDLL(str(out))  # (torch's libgomp.so.1 is the one it binds)
+    except OSError:  # (a cache directory mounted noexec)
         return None
-    lib = ctypes.CDLL(str(out))  # torch is imported, so its libgomp.so.1 is the one this binds to
+    if lib is None:
+        return None
     ptr, i64, P = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p)
     lib.mf_linear.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.mf_linear.restype = None

@@ -3,11 +3,14 @@
 // in numpy cost 20-70 µs a call between the model's kernels (several numpy calls on a handful of
 // keys each), against a couple of µs here.
 //
-// This is a twin of ExpertCache.request / .prefetch with a Cyclic policy, decision for decision
-// and bit for bit in its float state (the test compares both on long traces): the same keys are
-// evicted in the same order, and the decayed counts are computed with the same operations as
-// numpy's logaddexp2 and exp2. Compiled without floating-point contraction, since a fused
-// multiply-add would round differently from numpy.
+// This is a twin of ExpertCache.request / .prefetch with a Cyclic policy (the test compares both
+// on long traces): the same keys are evicted in the same order, and the decayed counts are
+// computed with the same operations as numpy's logaddexp2, so they match bit for bit. The
+// eviction ranks use libm's exp2, where numpy may use its own vectorised exp2 (1 ulp apart for
+// ~5% of inputs on an AVX-512 machine): two candidates whose ranks lie within an ulp of each
+// other could be ordered differently by the two paths (no such case in the tests' traces).
+// Compiled without floating-point contraction, since a fused multiply-add would round
+// differently from numpy.
 
 #include <math.h>
 #include <stdint.h>
@@ -108,11 +111,13 @@ static int64_t evict(mf_cache *c, int64_t layer, int64_t need) {
     return got;
 }
 
-// makes room for `incoming` new keys of `layer`, never evicting a protected key
-static void make_room(mf_cache *c, int64_t layer, int64_t incoming) {
+// makes room for `incoming` new keys of `layer`, never evicting a protected key; -3 when too few
+// keys may go (the callers' fit checks rule that out)
+static int make_room(mf_cache *c, int64_t layer, int64_t incoming) {
     int64_t need = c->per_layer >= 0 ? c->count[layer] + incoming - c->per_layer
                                      : c->total[0] + incoming - c->total_cap;
     c->res[2] = need > 0 ? evict(c, layer, need) : 0;
+    return need > 0 && c->res[2] < need ? -3 : 0;
 }
 
 static void insert(mf_cache *c, int64_t layer, int64_t n) {
@@ -124,8 +129,10 @@ static void insert(mf_cache *c, int64_t layer, int64_t n) {
 static int64_t cap_size(const mf_cache *c) { return c->per_layer >= 0 ? c->per_layer : c->total_cap; }
 
 // layer `layer` of token t runs on experts ids[n]: all become resident. Returns 0; -1 for an id
-// out of range (res[0]), -2 when the keys do not fit (res[0] = how many).
+// out of range (res[0]), -2 when the keys do not fit (res[0] = how many), -4 for a layer out of
+// range.
 int mf_cache_request(mf_cache *c, int64_t layer, const int64_t *ids, int64_t n, int64_t t) {
+    if (layer < 0 || layer >= c->L) return -4;
     int64_t m = distinct(c, layer, ids, n);
     if (m < 0) return -1;
     c->res[0] = m, c->res[4] = 0;
@@ -138,8 +145,9 @@ int mf_cache_request(mf_cache *c, int64_t layer, const int64_t *ids, int64_t n, 
     }
     c->res[1] = n_new;
     for (int64_t i = 0; i < m; i++) c->protect[c->keys[i]] = 1;
-    make_room(c, layer, n_new);
+    int rc = make_room(c, layer, n_new);
     for (int64_t i = 0; i < m; i++) c->protect[c->keys[i]] = 0;
+    if (rc) return rc;
     insert(c, layer, n_new);
     double now = (double)t / c->half_life;
     for (int64_t i = 0; i < m; i++) {
@@ -153,23 +161,29 @@ int mf_cache_request(mf_cache *c, int64_t layer, const int64_t *ids, int64_t n, 
 }
 
 // brings experts ids[n] of `layer` in ahead of their use, never evicting them nor protect[np];
-// the same returns as mf_cache_request (-2: res[0] = keys that must fit together)
+// the same returns as mf_cache_request (-2: res[0] = keys that must fit together; -4 also for a
+// protected key out of range)
 int mf_cache_prefetch(mf_cache *c, int64_t layer, const int64_t *ids, int64_t n, const int64_t *protect,
                       int64_t np) {
+    if (layer < 0 || layer >= c->L) return -4;
+    for (int64_t i = 0; i < np; i++)
+        if (protect[i] < 0 || protect[i] >= c->L * c->E) return -4;
     int64_t m = distinct(c, layer, ids, n);
     if (m < 0) return -1;
     for (int64_t i = 0; i < m; i++) c->protect[c->keys[i]] = 1;
-    int64_t held = m;  // a per-layer cache: only this layer's keys compete
+    int64_t held = m;  // what must fit together: per layer, only this layer's keys compete
     for (int64_t i = 0; i < np; i++) {
-        held += c->per_layer < 0 && !c->protect[protect[i]];
-        c->protect[protect[i]] = 1;
+        int64_t p = protect[i];
+        held += (c->per_layer < 0 || p / c->E == layer) && !c->protect[p];
+        c->protect[p] = 1;
     }
     int64_t n_new = 0;
+    int rc = 0;
     if (held <= cap_size(c)) {
         for (int64_t i = 0; i < m; i++)
             if (!c->resident[c->keys[i]]) c->loaded[n_new++] = c->keys[i];
         c->res[1] = n_new, c->res[4] = 0;
-        make_room(c, layer, n_new);
+        rc = make_room(c, layer, n_new);
     }
     for (int64_t i = 0; i < m; i++) c->protect[c->keys[i]] = 0;
     for (int64_t i = 0; i < np; i++) c->protect[protect[i]] = 0;
@@ -177,6 +191,7 @@ int mf_cache_prefetch(mf_cache *c, int64_t layer, const int64_t *ids, int64_t n,
         c->res[0] = held;
         return -2;
     }
+    if (rc) return rc;
     insert(c, layer, n_new);
     for (int64_t i = 0; i < n_new; i++) c->pending[c->loaded[i]] = 1;
     c->res[0] = m, c->res[3] = 0;

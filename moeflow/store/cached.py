@@ -232,6 +232,9 @@ class CachedExperts:
         li = self.index[layer]
         if not len(ids) or self.cache.all_resident(li, ids):  # (the usual case at a large budget)
             return
+        cap = self.cache.capacity
+        if cap.scope == "layer":  # a model of one MoE layer prefetches into the layer running
+            ids = ids[: cap.per_layer - sum(1 for k in self.in_use if k // self.n_experts == li)]
         loaded, evicted = self.cache.prefetch_lists(li, ids, self.step, protect=self.in_use)
         if evicted:
             self._release(evicted)

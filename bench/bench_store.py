@@ -71,6 +71,7 @@ def child(spec: dict) -> dict:
         prefetch=spec.get("prefetch", "lookahead"),
         expert_trace=spec.get("trace"),
         expert_io=spec.get("io", "auto"),
+        expert_io_threads=spec.get("io_threads", 4),
     )
     load_s = time.perf_counter() - t0
     experts = llm.loaded.experts
@@ -284,6 +285,15 @@ def case_real(a) -> dict:
     specs = [
         base | {"name": "all in RAM"},
         base | {"name": "naive (top-k, no prefetch)", "budget": K * slot_bytes, "prefetch": "none"},
+        # what offloading papers call naive: each missed expert read when needed, one at a time
+        base
+        | {
+            "name": "sequential naive (one read at a time)",
+            "budget": K * slot_bytes,
+            "prefetch": "none",
+            "io": "threads",
+            "io_threads": 1,
+        },
     ]
     for share in (0.10, 0.25, 0.50):
         b = f"{share:.0%}"

@@ -60,6 +60,7 @@ class LLM:
         host_memory: str | int | None = None,
         on_miss: str = "copy",
         expert_io: str = "auto",
+        expert_io_threads: int = 4,
     ):
         """expert_memory: a budget ("2GiB", "25%", bytes) for experts in RAM; the rest are read from
         the checkpoint files on demand (None: every expert resident). expert_policy: cyclic, lru,
@@ -68,7 +69,8 @@ class LLM:
         With device="cuda", expert_memory is the GPU's budget over a RAM tier (host_memory: its
         budget, None for every expert in pinned RAM) and on_miss="cpu" computes a missed expert on
         the CPU instead of waiting for its copy. expert_io: how expert reads reach the disk, aio
-        (Linux native AIO), threads (a reader pool) or auto (aio where it works)."""
+        (Linux native AIO), threads (a reader pool) or auto (aio where it works);
+        expert_io_threads: the reader pool's size (1: one read at a time, in order)."""
         store = StoreConfig(
             expert_memory,
             expert_policy,
@@ -78,6 +80,7 @@ class LLM:
             host_memory=host_memory,
             on_miss=on_miss,
             io=expert_io,
+            io_threads=expert_io_threads,
         )
         if threads:
             torch.set_num_threads(threads)

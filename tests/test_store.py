@@ -180,6 +180,13 @@ def test_fused_layout_is_exact(checkpoint):
     assert (got - want).abs().max().item() <= 1e-6
 
 
+def test_one_reader_at_a_time_is_exact(chat_model, reference):
+    """The sequential baseline (one read at a time, in order: what offloading papers call naive)."""
+    got = run(chat_model, expert_memory="25%", prefetch="none", expert_io="threads", expert_io_threads=1)
+    assert got[2].loaded.experts.demand is None  # no pool: each miss read before the next
+    assert_same(got[:2], reference["top4"])
+
+
 def test_stats_count_reads(chat_model, io):
     llm = LLM(chat_model, progress=False, expert_memory="25%", prefetch="none", expert_io=io)
     llm.generate(prompt_token_ids=PROMPTS[:1], sampling_params=GREEDY)

@@ -122,6 +122,11 @@ def test_bad_sampling_value(chat_model):
     assert_clean_error(cli("generate", "--model", str(chat_model), "--max-tokens", "-3"), "max_tokens")
 
 
+def test_bad_io_threads(chat_model):
+    r = cli("generate", "--model", str(chat_model), "--expert-memory", "50%", "--io-threads", "0")
+    assert_clean_error(r, "io_threads must be at least 1, got 0")
+
+
 def test_generate_streams_and_summarises(chat_model):
     r = cli("generate", "--model", str(chat_model), "--prompt", "Hello", "--max-tokens", "12", "--ignore-eos")
     assert r.returncode == 0, r.stderr

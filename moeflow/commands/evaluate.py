@@ -57,6 +57,7 @@ def open_for_text(a):
         host_memory=a.host_memory,
         on_miss=a.on_miss,
         io=a.expert_io,
+        io_threads=a.io_threads,
     )
     lm, tok = open_model(a.model, dtype, device, sys.stderr.isatty(), store)
     return lm, dtype, encode(tok, text)

@@ -20,6 +20,7 @@ def llm_from_args(a, **extra):
         host_memory=a.host_memory,
         on_miss=a.on_miss,
         expert_io=a.expert_io,
+        expert_io_threads=a.io_threads,
         **extra,
     )
 
@@ -61,6 +62,12 @@ def add_store_args(p) -> None:
         default="auto",
         help="how expert reads reach the disk: aio (Linux native AIO, no reader threads), threads "
         "(a pool of reader threads), auto (default: aio where the files take O_DIRECT)",
+    )
+    p.add_argument(
+        "--io-threads",
+        type=int,
+        default=4,
+        help="with --expert-io threads: reader threads (1: one expert read at a time; default 4)",
     )
     p.add_argument(
         "--expert-trace",

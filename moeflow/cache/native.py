@@ -15,8 +15,6 @@ import numpy as np
 from ..kernels import native_cache
 from .policies import Cyclic
 
-_i64p = ctypes.POINTER(ctypes.c_int64)
-
 
 class _State(ctypes.Structure):  # mf_cache in cache.c
     _fields_ = [

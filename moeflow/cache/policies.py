@@ -158,9 +158,8 @@ class Cyclic(Reuse):
         super().__init__(n_layers * n_experts, half_life)
         self.n_layers, self.n_experts = n_layers, n_experts
         self.full = -np.log2(1 - 2 ** (-1 / half_life))  # log2 count of a key used every token
-        self._lt = np.zeros(
-            2, dtype=np.int64
-        )  # the last touch: (layer, token), which native code updates too
+        # the last touch, (layer, token): an array, since the native cache updates it too
+        self._lt = np.zeros(2, dtype=np.int64)
 
     @property
     def layer(self) -> int:  # the layer running now (the last one touched)

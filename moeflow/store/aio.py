@@ -106,84 +106,75 @@ class AioQueue:
         n = len(reads)
         if n > len(self.free):
             raise ValueError(f"{n} reads submitted with {len(self.free)} free control blocks")
-        if self.lib is not None:
-            return self._submit_native(reads)
-        ptrs = []
-        for tag, fd, addr, nbytes, offset in reads:
+        blocks = []
+        for tag, *_ in reads:
             j = self.free.pop()
-            cb = self.iocbs[j]
+            self.slot_of[tag] = j
+            blocks.append(j)
+        # one system call per read: io_submit plugs the block queue for the length of a call, so
+        # in a batch the first read would not reach the disk before the last was prepared
+        done, e = (self._submit_native if self.lib is not None else self._submit_ctypes)(reads, blocks)
+        self.in_flight += done
+        if done < n:
+            for tag, *_ in reads[done:]:  # never submitted: their blocks are free again
+                self.free.append(self.slot_of.pop(tag))
+            raise OSError(e, f"io_submit: {os.strerror(e)}")
+
+    def _submit_native(self, reads: list[tuple], blocks: list[int]) -> tuple[int, int]:
+        """(reads submitted, errno of the one refused)."""
+        flat = []
+        for (tag, fd, addr, nbytes, offset), j in zip(reads, blocks):
+            flat += (tag, j, fd, addr, nbytes, offset)
+        iocbs, arr = ctypes.addressof(self.iocbs), (ctypes.c_int64 * len(flat))(*flat)
+        done = self.lib.mf_aio_submit(self.ctx.value, iocbs, arr, len(reads), ctypes.byref(self._err))
+        return done, self._err.value
+
+    def _submit_ctypes(self, reads: list[tuple], blocks: list[int]) -> tuple[int, int]:
+        done = 0
+        while done < len(reads):
+            tag, fd, addr, nbytes, offset = reads[done]
+            cb = self.iocbs[blocks[done]]
             ctypes.memset(ctypes.byref(cb), 0, ctypes.sizeof(cb))
             cb.data, cb.opcode, cb.fildes = tag, _PREAD, fd
             cb.buf, cb.nbytes, cb.offset = addr, nbytes, offset
-            ptrs.append(ctypes.pointer(cb))
-            self.slot_of[tag] = j
-        # one system call per read: io_submit plugs the block queue for the length of a call, so
-        # in a batch the first read would not reach the disk before the last was prepared
-        done = 0
-        while done < n:
-            arr = (ctypes.POINTER(_Iocb) * 1)(ptrs[done])
+            arr = (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(cb))
             got = self.sys(self.submit_nr, self.ctx, ctypes.c_long(1), arr)
             if got < 0:
                 e = ctypes.get_errno()
                 if e in (errno.EINTR, errno.EAGAIN):
                     continue
-                for tag, *_ in reads[done:]:  # never submitted: their blocks are free again
-                    self.free.append(self.slot_of.pop(tag))
-                self.in_flight += done
-                raise OSError(e, f"io_submit: {os.strerror(e)}")
+                return done, e
             done += got
-        self.in_flight += n
-
-    def _submit_native(self, reads: list[tuple[int, int, int, int, int]]) -> None:
-        flat = []
-        for tag, fd, addr, nbytes, offset in reads:
-            j = self.free.pop()
-            self.slot_of[tag] = j
-            flat += (tag, j, fd, addr, nbytes, offset)
-        done = self.lib.mf_aio_submit(
-            self.ctx.value, ctypes.addressof(self.iocbs), (ctypes.c_int64 * len(flat))(*flat), len(reads),
-            ctypes.byref(self._err),
-        )  # fmt: skip
-        self.in_flight += done
-        if done < len(reads):
-            for tag, *_ in reads[done:]:  # never submitted: their blocks are free again
-                self.free.append(self.slot_of.pop(tag))
-            e = self._err.value
-            raise OSError(e, f"io_submit: {os.strerror(e)}")
+        return done, 0
 
     def reap(self, least: int) -> list[tuple[int, int]]:
         """Waits for at least `least` completions (0: only those already done); returns
         (tag, result) pairs, result being bytes read or -errno."""
         least = min(least, self.in_flight)
-        if self.lib is not None:
-            got = self.lib.mf_aio_reap(
-                self.ctx.value, least, self.depth, ctypes.addressof(self.events), self._out.ctypes.data
-            )
-            if got < 0:
-                raise OSError(-got, f"io_getevents: {os.strerror(-got)}")
-            flat = self._out[: 2 * got].tolist()
-            out = list(zip(flat[::2], flat[1::2]))
-            for tag, _ in out:
-                self.free.append(self.slot_of.pop(tag))
-            self.in_flight -= got
-            return out
+        out = self._reap_native(least) if self.lib is not None else self._reap_ctypes(least)
+        for tag, _ in out:
+            self.free.append(self.slot_of.pop(tag))
+        self.in_flight -= len(out)
+        return out
+
+    def _reap_native(self, least: int) -> list[tuple[int, int]]:
+        events, out = ctypes.addressof(self.events), self._out.ctypes.data
+        got = self.lib.mf_aio_reap(self.ctx.value, least, self.depth, events, out)
+        if got < 0:
+            raise OSError(-got, f"io_getevents: {os.strerror(-got)}")
+        flat = self._out[: 2 * got].tolist()
+        return list(zip(flat[::2], flat[1::2]))
+
+    def _reap_ctypes(self, least: int) -> list[tuple[int, int]]:
         while True:
             got = self.sys(
                 self.getevents, self.ctx, ctypes.c_long(least), ctypes.c_long(self.depth), self.events, None
             )
             if got >= 0:
-                break
+                return [(int(ev.data), int(ev.res)) for ev in self.events[:got]]
             e = ctypes.get_errno()
             if e != errno.EINTR:
                 raise OSError(e, f"io_getevents: {os.strerror(e)}")
-        out = []
-        for i in range(got):
-            ev = self.events[i]
-            tag = int(ev.data)
-            self.free.append(self.slot_of.pop(tag))
-            out.append((tag, int(ev.res)))
-        self.in_flight -= got
-        return out
 
     def close(self) -> None:
         if self.ctx.value:

@@ -68,7 +68,7 @@ class Lookahead:
         return (w if w.dtype == torch.float32 else w.float()), None
 
     def _native_ok(self, x: torch.Tensor, w: torch.Tensor) -> bool:
-        if self._top is None:
+        if self._top is None or self._top.k != min(self.top_k, w.shape[0]):  # (_choose may lower top_k)
             if not (w.device.type == "cpu" and w.dtype == torch.float32 and kernels.native() is not None):
                 return False
             self._top = kernels.TopLogits(*w.shape, self.top_k)

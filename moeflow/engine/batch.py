@@ -22,6 +22,7 @@ class StepBatch:
     last_index: torch.Tensor  # [B] packed index of each row's last token
     sliding_window: int | None = None
     _masks: dict | None = None
+    _lens: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -68,6 +69,18 @@ class StepBatch:
     @property
     def l_max(self) -> int:
         return max(self.ctx_lens)
+
+    @property
+    def is_decode(self) -> bool:
+        """Every row adds one token."""
+        return len(self.q_lens) == self.tokens.shape[0]
+
+    @property
+    def lens(self) -> torch.Tensor:
+        """[B] int64 ctx_lens (made once per step; every layer's attention reads it)."""
+        if self._lens is None:
+            self._lens = torch.tensor(self.ctx_lens, dtype=torch.int64)
+        return self._lens
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """[T, ...] -> [B, S, ...]; padded rows are zero."""

@@ -1,5 +1,5 @@
-"""Native kernels (small-M linear, fused experts; cache decisions in cache.c), compiled on first
-use with the machine's C compiler.
+"""Native kernels (small-M linear, fused experts; decode-step norms and attention in decode.c;
+cache decisions in cache.c), compiled on first use with the machine's C compiler.
 
 Falls back to torch (returns None from `native()`) when there is no compiler, the CPU lacks
 AVX2/FMA/F16C, or MOEFLOW_NATIVE=0; results are the same up to float rounding either way."""
@@ -126,6 +126,85 @@ def native():
     lib.mf_topk_logits.argtypes = [ptr, ctypes.c_int, ptr, ptr, i64, i64, i64, ptr, ptr]
     lib.mf_topk_logits.restype = None
     return lib
+
+
+@cache
+def native_decode():
+    """The decode-step library (decode.c: RMSNorm rows, one-token attention), or None as native()."""
+    if os.environ.get("MOEFLOW_NATIVE", "1") == "0" or not _cpu_ok():
+        return None
+    out = _compile(_SRC.with_name("decode.c"), _FLAGS)
+    try:
+        lib = None if out is None else ctypes.CDLL(str(out))
+    except OSError:
+        return None
+    if lib is None:
+        return None
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.mf_rmsnorm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int]
+    lib.mf_rmsnorm.restype = None
+    lib.mf_decode_attn.argtypes = [*[ptr] * 7, *[i64] * 8, ctypes.c_float, ptr, ctypes.c_int]
+    lib.mf_decode_attn.restype = ctypes.c_int
+    return lib
+
+
+def native_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over x's last dim (x contiguous, w of x's dtype): the statistics in fp32, the
+    normalised row rounded to x's dtype, then scaled by w, as the reference computes it."""
+    out = torch.empty_like(x)
+    H = x.shape[-1]
+    rows = x.numel() // H
+    native_decode().mf_rmsnorm(x.data_ptr(), w.data_ptr(), out.data_ptr(), rows, H, eps, _DTYPES[x.dtype])
+    return out
+
+
+def native_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """One new token per row: q [B, h, d], k [B, kv, d], v [B, kv, dv] (contiguous, one dtype)
+    -> [B, h * dv]. Writes k and v at position lens[b] - 1 of cache slot slots[b] (caches
+    [n_slots, max_len, kv, d|dv], contiguous), then attends over that slot's first lens[b]
+    positions (the last `window` of them, if given)."""
+    B, h, d = q.shape
+    kv, dv = v.shape[1], v.shape[2]
+    n_slots, max_len = k_cache.shape[:2]
+    out = torch.empty(B, h * dv, dtype=q.dtype)
+    rc = native_decode().mf_decode_attn(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        slots.data_ptr(),
+        lens.data_ptr(),
+        n_slots,
+        B,
+        h,
+        kv,
+        d,
+        dv,
+        max_len,
+        window or 0,
+        scale,
+        out.data_ptr(),
+        _DTYPES[q.dtype],
+    )
+    if rc == -1:
+        raise IndexError(
+            f"decode attention: a slot or length out of range "
+            f"(slots {slots.tolist()}, lengths {lens.tolist()})"
+        )
+    if rc:
+        raise MemoryError("decode attention: no memory for its scratch")
+    return out
 
 
 def native_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import DTYPES, native_decode, native_decode_attention
 from ..models.args import AttentionArgs
 from .linear import Linear
 from .norm import RMSNorm
@@ -19,6 +20,26 @@ def attend(q, k, v, batch, scale: float, window: int | None) -> torch.Tensor:
     )
     out = out.transpose(1, 2)  # [B, S, h, dv]
     return batch.unpad(out.reshape(*out.shape[:2], -1))
+
+
+def attend_decode(q, k, v, cache, layer: int, batch, scale: float, window: int | None) -> torch.Tensor | None:
+    """A decode step (one new token per row) on the CPU in one native call: writes k, v into
+    the rows' cache slots and attends ([T, h * d]); None where the native kernel does not apply
+    (the caller then writes the cache and attends through torch)."""
+    kc, vc = cache.layers[layer][:2]
+    if not (
+        batch.is_decode
+        and q.device.type == "cpu"
+        and q.dtype == kc.dtype == vc.dtype
+        and q.dtype in DTYPES
+        and q.shape[1] % k.shape[1] == 0
+        and native_decode() is not None
+    ):
+        return None
+    slots = batch.slots if batch.slots.device.type == "cpu" else batch.slots.cpu()
+    return native_decode_attention(
+        q.contiguous(), k.contiguous(), v.contiguous(), kc, vc, slots, batch.lens, scale, window
+    )
 
 
 class Attention(nn.Module):
@@ -68,6 +89,8 @@ class Attention(nn.Module):
         if a.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = ctx.rope(q), ctx.rope(k)
-        K, V = ctx.cache.update(layer, ctx.batch, k, v)
-        out = attend(q, K, V, ctx.batch, a.softmax_scale, a.sliding_window)
+        out = attend_decode(q, k, v, ctx.cache, layer, ctx.batch, a.softmax_scale, a.sliding_window)
+        if out is None:
+            K, V = ctx.cache.update(layer, ctx.batch, k, v)
+            out = attend(q, K, V, ctx.batch, a.softmax_scale, a.sliding_window)
         return self.o_proj(out)

@@ -1,0 +1,101 @@
+"""The decode-step kernels (decode.c) against torch: RMSNorm rows, and one-token attention with
+its cache write, for every dtype, GQA, ragged batches and a sliding window; and the model's
+decode through them against its torch path."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeflow.engine.batch import StepBatch
+from moeflow.kernels import native_decode, native_decode_attention, native_rmsnorm
+from moeflow.layers.attention import attend
+
+pytestmark = pytest.mark.skipif(native_decode() is None, reason="no native kernel on this machine")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def ulp(dtype) -> float:
+    return {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 576), (3, 100), (2, 4, 64), (1, 7)])
+def test_rmsnorm_matches_the_reference_within_one_rounding(dtype, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(*shape, generator=g) * 3).to(dtype)
+    w = torch.randn(shape[-1], generator=g).to(dtype)
+    want = w * F.rms_norm(x.float(), (shape[-1],), eps=1e-5).to(dtype)  # the torch path of RMSNorm
+    got = native_rmsnorm(x, w, 1e-5)
+    assert got.dtype == dtype and got.shape == x.shape
+    # both round the normalised row and the product once: a few rounding steps apart at most
+    diff = (got.float() - want.float()).abs()
+    assert (diff <= 3 * ulp(dtype) * want.float().abs() + 1e-6).all()
+
+
+def reference(q, k, v, kc, vc, slots, lens, scale, window):
+    """The torch path: the cache written by index, then the padded, masked attention."""
+    B = q.shape[0]
+    kc[slots, lens - 1], vc[slots, lens - 1] = k, v
+    batch = StepBatch.build([[0]] * B, (lens - 1).tolist(), slots.tolist())
+    L = int(lens.max())
+    return attend(q, kc[slots, :L], vc[slots, :L], batch, scale, window)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "h,kv,d,lens,window",
+    [
+        (9, 3, 64, [17], None),  # SmolLM2's geometry, one sequence
+        (4, 4, 32, [1], None),  # the first token: attends to itself only
+        (8, 2, 48, [5, 40, 1, 23], None),  # a ragged batch of four
+        (6, 2, 16, [30, 9], 8),  # a sliding window shorter than one row's cache
+        (16, 4, 128, [700], None),  # long enough to split heads over threads
+    ],
+)
+def test_decode_attention_matches_the_torch_path(dtype, h, kv, d, lens, window):
+    g = torch.Generator().manual_seed(h * 100 + d + len(lens))
+    B, n_slots, max_len = len(lens), len(lens) + 2, max(lens) + 5
+    slots = torch.randperm(n_slots, generator=g)[:B]
+    lens = torch.tensor(lens)
+    kc = torch.randn(n_slots, max_len, kv, d, generator=g).to(dtype)
+    vc = torch.randn(n_slots, max_len, kv, d, generator=g).to(dtype)
+    q, k, v = (torch.randn(B, n, d, generator=g).to(dtype) for n in (h, kv, kv))
+    kc2, vc2 = kc.clone(), vc.clone()
+    want = reference(q, k, v, kc2, vc2, slots, lens, d**-0.5, window)
+    got = native_decode_attention(q, k, v, kc, vc, slots, lens, d**-0.5, window)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)  # the same cache writes, and only those
+    assert got.shape == (B, h * d) and got.dtype == dtype
+    # fp32 probabilities here, the dtype's in torch's 16-bit attention: a few roundings apart
+    scale = max(1.0, want.abs().max().item())
+    assert (got.float() - want.float()).abs().max().item() <= 4 * ulp(dtype) * scale
+
+
+def test_decode_attention_rejects_a_slot_out_of_range():
+    kc = torch.zeros(2, 8, 1, 4)
+    q, k = torch.zeros(1, 1, 4), torch.zeros(1, 1, 4)
+    with pytest.raises(IndexError, match="out of range"):
+        native_decode_attention(q, k, k, kc, kc.clone(), torch.tensor([2]), torch.tensor([3]), 1.0, None)
+    with pytest.raises(IndexError, match="out of range"):
+        native_decode_attention(q, k, k, kc, kc.clone(), torch.tensor([0]), torch.tensor([9]), 1.0, None)
+    assert not kc.any()  # nothing written
+
+
+def test_model_decode_matches_the_torch_path(checkpoint, monkeypatch):
+    """Greedy fp32 decode of a tiny model, a ragged batch of three, with and without the kernels
+    (in bf16 a random model's near-tied logits flip on a rounding step, which the kernel tests
+    bound)."""
+    from moeflow.layers import attention, norm
+    from moeflow.llm import LLM, SamplingParams
+
+    path, _ = checkpoint("qwen3_moe")
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 9, 13, 2, 7], [3, 1], [8, 8, 4]]
+
+    def run():
+        llm = LLM(path, dtype="float32", progress=False)
+        return [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=sp)]
+
+    fast = run()
+    monkeypatch.setattr(attention, "native_decode", lambda: None)
+    monkeypatch.setattr(norm, "native_decode", lambda: None)
+    assert run() == fast

@@ -21,6 +21,9 @@ class ResidentExperts:
             layer: torch.empty(n_experts, self.expert_numel, dtype=dtype, device=device) for layer in layers
         }
         self._views = {layer: self._split(buf) for layer, buf in self.buffers.items()}
+        # each expert's (w13, w2) views, made on a layer's first fetch: a decode asks for K of
+        # them per layer, and indexing anew costs ~1.5 µs a tensor between its kernels
+        self._pairs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def _split(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         E, I, H = self.n_experts, self.inter, self.hidden
@@ -48,5 +51,8 @@ class ResidentExperts:
         w2[expert].copy_(down)
 
     def fetch(self, layer: int, experts: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        w13, w2 = self._views[layer]
-        return [(w13[e], w2[e]) for e in experts]
+        pairs = self._pairs.get(layer)
+        if pairs is None:
+            w13, w2 = self._views[layer]
+            pairs = self._pairs[layer] = list(zip(w13.unbind(), w2.unbind()))
+        return [pairs[e] for e in experts]

@@ -32,6 +32,22 @@ def test_rmsnorm_matches_the_reference_within_one_rounding(dtype, shape):
     assert (diff <= 3 * ulp(dtype) * want.float().abs() + 1e-6).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("T,heads,dim", [(1, 9, 64), (3, 2, 128), (2, 4, 6)])
+def test_rope_is_bit_identical_to_the_torch_ops(monkeypatch, dtype, interleaved, T, heads, dim):
+    from moeflow.layers import rope
+    from moeflow.models.args import RopeArgs
+
+    g = torch.Generator().manual_seed(T * heads + dim)
+    r = rope.Rotary(RopeArgs(dim=dim, theta=10000.0, interleaved=interleaved))
+    cos, sin = r.cos_sin(torch.tensor([5, 900, 33])[:T], dtype)
+    x = (torch.randn(T, heads, dim, generator=g) * 4).to(dtype)
+    got = r.apply(x, cos, sin)
+    monkeypatch.setattr(rope, "native_decode", lambda: None)
+    assert torch.equal(got, r.apply(x, cos, sin))
+
+
 def reference(q, k, v, kc, vc, slots, lens, scale, window):
     """The torch path: the cache written by index, then the padded, masked attention."""
     B = q.shape[0]

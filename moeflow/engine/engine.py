@@ -138,6 +138,7 @@ class Engine:
         ctx = ForwardContext(batch, self.cache, self.m.experts, self.rotary, self.dtype, row_top_k, counts)
         t0 = time.perf_counter()
         logits = self.m.model(ctx).cpu()  # sampling and bookkeeping run on the host
+        ctx.tally()
         dt = time.perf_counter() - t0
         counts = counts.cpu().numpy()
         produced = []

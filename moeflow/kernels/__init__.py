@@ -133,7 +133,7 @@ def native_decode():
     """The decode-step library (decode.c: RMSNorm rows, one-token attention), or None as native()."""
     if os.environ.get("MOEFLOW_NATIVE", "1") == "0" or not _cpu_ok():
         return None
-    out = _compile(_SRC.with_name("decode.c"), _FLAGS)
+    out = _compile(_SRC.with_name("decode.c"), [*_FLAGS, "-ffp-contract=off"])  # (rope: bit for bit)
     try:
         lib = None if out is None else ctypes.CDLL(str(out))
     except OSError:
@@ -145,7 +145,19 @@ def native_decode():
     lib.mf_rmsnorm.restype = None
     lib.mf_decode_attn.argtypes = [*[ptr] * 7, *[i64] * 8, ctypes.c_float, ptr, ctypes.c_int]
     lib.mf_decode_attn.restype = ctypes.c_int
+    lib.mf_rope.argtypes = [*[ptr] * 4, i64, i64, i64, ctypes.c_int, ctypes.c_int]
+    lib.mf_rope.restype = None
     return lib
+
+
+def native_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotary.apply for x [T, heads, dim] (contiguous; cos, sin [T, dim / 2] of x's dtype): the
+    same bits as its torch ops, in one call."""
+    T, heads, dim = x.shape
+    out = torch.empty_like(x)
+    ptrs = [t.data_ptr() for t in (x, cos, sin, out)]
+    native_decode().mf_rope(*ptrs, T, heads, dim, int(interleaved), _DTYPES[x.dtype])
+    return out
 
 
 def native_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

@@ -167,3 +167,25 @@ int mf_decode_attn(const void *q, const void *k, const void *v, void *kc, void *
     free(scratch);
     return 0;
 }
+
+/* Rotary embedding, op for op as torch computes it (each product and sum rounded to the dtype,
+ * no contraction: the build passes -ffp-contract=off), so the result is the same bits:
+ * out = [x1 * c - x2 * s | x2 * c + x1 * s] per head, where (x1, x2) are the halves of the head
+ * (interleaved = 0) or its even and odd elements (interleaved = 1; they come out de-interleaved).
+ * x, out [T, heads, dim]; cos, sin [T, dim / 2]. */
+void mf_rope(const void *x, const void *cos, const void *sin, void *out, int64_t T, int64_t heads, int64_t dim,
+             int interleaved, int dt) {
+    const int64_t half = dim / 2;
+    for (int64_t t = 0; t < T; t++) {
+        for (int64_t hd = 0; hd < heads; hd++) {
+            const int64_t at = (t * heads + hd) * dim;
+            for (int64_t i = 0; i < half; i++) {
+                const float c = ld(cos, t * half + i, dt), s = ld(sin, t * half + i, dt);
+                const float x1 = ld(x, at + (interleaved ? 2 * i : i), dt);
+                const float x2 = ld(x, at + (interleaved ? 2 * i + 1 : i + half), dt);
+                st(out, at + i, dt, round_to(x1 * c, dt) - round_to(x2 * s, dt));
+                st(out, at + i + half, dt, round_to(x2 * c, dt) + round_to(x1 * s, dt));
+            }
+        }
+    }
+}

@@ -4,7 +4,12 @@ import math
 
 import torch
 
+from ..kernels import DTYPES, native_decode, native_rope
 from ..models.args import RopeArgs, yarn_mscale
+
+# up to this many elements the native kernel (one call, the same bits) replaces ~8 torch ops
+# (~20 µs between a decode's kernels); larger inputs (prefill) keep torch's vectorised ops
+NATIVE_MAX_NUMEL = 1 << 15
 
 
 def inv_frequencies(r: RopeArgs) -> tuple[torch.Tensor, float]:
@@ -57,6 +62,20 @@ class Rotary:
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [T, heads, dim]. Interleaved pairs come out de-interleaved: q and k get the same
         permutation, so their dot products are unchanged."""
+        if (
+            x.numel() <= NATIVE_MAX_NUMEL
+            and x.dim() == 3
+            and x.device.type == "cpu"
+            and x.dtype == cos.dtype
+            and x.dtype in DTYPES
+            and 2 * cos.shape[-1] == x.shape[-1]
+            and not x.requires_grad
+            and x.is_contiguous()
+            and cos.is_contiguous()
+            and sin.is_contiguous()
+            and native_decode() is not None
+        ):
+            return native_rope(x, cos, sin, self.interleaved)
         if self.interleaved:
             x1, x2 = x[..., 0::2], x[..., 1::2]
         else:

@@ -260,6 +260,8 @@ class CachedExperts:
         predictor runs after this layer's own misses are in, so it never delays them."""
         if self.index[layer] == 0:
             self.step += 1
+        if self.predictor is None and not self._guess:  # nothing to predict, no guess to score
+            return
         flat = ids.reshape(-1).tolist()  # (python from here: cheaper than torch ops on a few ids)
         used = frozenset(flat) - {-1}
         picks = len(flat) - flat.count(-1)

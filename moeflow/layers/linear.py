@@ -1,10 +1,12 @@
 """The one matmul every weight goes through, choosing the fastest path for the shape at hand.
 
-For fp32 weights MKL is used throughout: its GEMV streams at memory bandwidth, and end to end
-its multi-row GEMM beat the native kernel on a 32-token prefill (127 vs 152 ms, BENCHMARKS.md)
-although the native one wins isolated 4-row calls. For 16-bit weights the native kernel is
-1.2-2x faster below 16 rows (bf16 prefill 147 vs 174-217 ms), and in passes of 15 rows it stays
-faster up to ~100 rows; beyond, fp32 GEMM on weights upcast per block is the better path."""
+For fp32 weights MKL is used from two rows on: end to end its multi-row GEMM beat the native
+kernel on a 32-token prefill (127 vs 152 ms, BENCHMARKS.md) although the native one wins isolated
+4-row calls. A single row (decode) takes the native kernel: on an Intel host MKL's GEMV streamed
+as fast (27.5 vs 28.1 GB/s), on an AMD Zen 4 host it reached 11-14 GB/s against ~30 (BENCHMARKS.md).
+For 16-bit weights the native kernel is 1.2-2x faster below 16 rows (bf16 prefill 147 vs
+174-217 ms), and in passes of 15 rows it stays faster up to ~100 rows; beyond, fp32 GEMM on
+weights upcast per block is the better path."""
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +27,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     """x [M, K] @ w [N, K]^T (+ b) in x's dtype."""
     M = x.shape[0] if x.dim() == 2 else -1
     if x.device.type == "cpu" and M > 0:
-        if w.dtype != torch.float32 and usable(x, w, NATIVE_MAX_ROWS):
+        if (w.dtype != torch.float32 or M == 1) and usable(x, w, NATIVE_MAX_ROWS):
             y = native_linear(x, w)
             return (y if b is None else y + b.float()).to(x.dtype)
         if (

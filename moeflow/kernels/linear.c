@@ -129,6 +129,36 @@ static void tile_2x4(const void *w, int64_t n, const float *X, float *Y, int64_t
             Y[(m + t) * N + n + r] = hsum(acc[r][t]) + tail(w, n + r, xs[t], K16, K, dt);
 }
 
+/* one weight row n against tokens [m, m+4): a single weight stream (see ROW_BY_ROW_MIN_K),
+ * two accumulators per token */
+static void tile_1x4(const void *w, int64_t n, const float *X, float *Y, int64_t m, int64_t N, int64_t K,
+                     int64_t K16, int dt) {
+    __m256 lo[4], hi[4], wl, wh;
+    for (int t = 0; t < 4; t++) lo[t] = hi[t] = _mm256_setzero_ps();
+    const float *xs[4] = {X + (m + 0) * K, X + (m + 1) * K, X + (m + 2) * K, X + (m + 3) * K};
+    for (int64_t k = 0; k < K16; k += 16) {
+        load16(w, n * K + k, dt, &wl, &wh);
+        for (int t = 0; t < 4; t++) {
+            lo[t] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(xs[t] + k), lo[t]);
+            hi[t] = _mm256_fmadd_ps(wh, _mm256_loadu_ps(xs[t] + k + 8), hi[t]);
+        }
+    }
+    for (int t = 0; t < 4; t++) Y[(m + t) * N + n] = hsum(_mm256_add_ps(lo[t], hi[t])) + tail(w, n, xs[t], K16, K, dt);
+}
+
+/* rows n, n+1 against tokens [m, m+4): one after another for long 16-bit rows (bf16, 4 tokens,
+ * 1024 x 1024: 10.3 -> 14.4 GB/s on the Zen 4 host), side by side otherwise (fp32 rows measured
+ * 10% faster side by side there, two rows of fp32 being the same bytes as four of bf16) */
+static void pair_x4(const void *w, int64_t n, const float *X, float *Y, int64_t m, int64_t N, int64_t K,
+                    int64_t K16, int dt) {
+    if (K >= ROW_BY_ROW_MIN_K && dt != F32) {
+        tile_1x4(w, n, X, Y, m, N, K, K16, dt);
+        tile_1x4(w, n + 1, X, Y, m, N, K, K16, dt);
+    } else {
+        tile_2x4(w, n, X, Y, m, N, K, K16, dt);
+    }
+}
+
 static void row_generic(const void *w, int64_t n, const float *X, float *Y, int64_t M, int64_t N, int64_t K,
                         int64_t K16, int dt) {
     for (int64_t m = 0; m < M; m++) {
@@ -173,7 +203,7 @@ void mf_linear(const void *W, const float *X, float *Y, int64_t M, int64_t N, in
         int64_t n2 = N / 2 * 2;
 #pragma omp parallel for schedule(static)
         for (int64_t n = 0; n < n2; n += 2)
-            for (int64_t m = 0; m < M; m += 4) tile_2x4(W, n, x, Y, m, N, K, K16, dt);
+            for (int64_t m = 0; m < M; m += 4) pair_x4(W, n, x, Y, m, N, K, K16, dt);
         for (int64_t n = n2; n < N; n++) row_generic(W, n, x, Y, M, N, K, K16, dt);
     } else {
 #pragma omp parallel for schedule(static)
@@ -321,8 +351,8 @@ static void rows4_all_tokens(const void *w, int64_t n, const float *X, float *Y,
                              int64_t K16, int dt) {
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) {
-        tile_2x4(w, n, X, Y, m, N, K, K16, dt);
-        tile_2x4(w, n + 2, X, Y, m, N, K, K16, dt);
+        pair_x4(w, n, X, Y, m, N, K, K16, dt);
+        pair_x4(w, n + 2, X, Y, m, N, K, K16, dt);
     }
     switch (M - m) {
     case 1: tile_4xm(w, n, X + m * K, Y + m * N, 1, N, K, K16, dt); break;

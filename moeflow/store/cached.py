@@ -222,8 +222,7 @@ class CachedExperts:
             return
         ids = routed.ids
         nxt = self.predictor.next_experts(li, routed.x, ids, self.prefetch_room(routed.picks, ids.shape[0]))
-        if nxt is not None:
-            nli, chosen = nxt
+        for nli, chosen in [nxt] if isinstance(nxt, tuple) else nxt or ():  # (a list: several layers)
             self.prefetch(self.layers[nli], chosen)
             self._guess[nli] = {int(e) for e in chosen}
 

@@ -117,10 +117,9 @@ class LearnedLookahead(Lookahead):
         if self.maps2 is None:
             return super().next_experts(li, x, ids, room)
         out = []
-        if li == 0:
-            first = super().next_experts(li, x, ids, room)
-            if first is not None:
-                out.append(first)
+        first = super().next_experts(li, x, ids, room)  # (mostly in already: it fixes the deeper guess)
+        if first is not None:
+            out.append(first)
         if li + 2 < len(self.blocks):
             out.append((li + 2, self._guess(li + 2, *self.maps2[li], x, room)))
         return out or None

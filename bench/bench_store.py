@@ -306,8 +306,6 @@ def case_real(a) -> dict:
         specs.append(base | {"name": f"{share:.0%} cyclic lookahead", "budget": b, "policy": "cyclic"})
         learned = {"policy": "cyclic", "prefetch": "learned"}  # fitted on the calibration trace
         specs.append(base | learned | {"name": f"{share:.0%} cyclic learned", "budget": b})
-        two = {"policy": "cyclic", "prefetch": "learned2"}  # the same, two layers ahead
-        specs.append(base | two | {"name": f"{share:.0%} cyclic learned2", "budget": b})
     # steady state: the same runs after a warm-up request on other held-out text (a server's
     # cache is rarely empty); the all-in-RAM run is warmed the same way
     warm = {"warmup": eval_ids[9000 : 9000 + a.prompt]}

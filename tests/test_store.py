@@ -134,11 +134,8 @@ def assert_same(got, want):
     assert (got[1] - want[1]).abs().max().item() <= 1e-6
 
 
-PREDICTORS = ["none", "lookahead", "learned", "learned2", "frequency", "cooccurrence"]
-
-
 @pytest.mark.parametrize("scope", ["global", "layer"])
-@pytest.mark.parametrize("prefetch", PREDICTORS)
+@pytest.mark.parametrize("prefetch", ["none", "lookahead", "learned", "frequency", "cooccurrence"])
 @pytest.mark.parametrize("policy", ["cyclic", "lru", "lfu", "reuse", "pinned"])
 def test_single_expert_budget_is_exact(top1_model, reference, traces, policy, prefetch, scope):
     """Top-1 routing, a budget of one expert per layer (or one in all): every step evicts."""
@@ -158,7 +155,7 @@ def test_single_expert_budget_is_exact(top1_model, reference, traces, policy, pr
 
 
 @pytest.mark.parametrize("share", ["4", "25%", "50%", "90%"])
-@pytest.mark.parametrize("prefetch", ["lookahead", "learned", "learned2", "cooccurrence"])
+@pytest.mark.parametrize("prefetch", ["lookahead", "learned", "cooccurrence"])
 def test_budgets_are_exact(chat_model, reference, traces, share, prefetch, io, request):
     """Top-4 of 16 experts; "4" = exactly one layer's top-k in all, the least that works."""
     budget = 4 * expert_bytes(chat_model) if share == "4" else share

@@ -54,8 +54,7 @@ def add_store_args(p) -> None:
         "--prefetch",
         default="none",
         help="prefetch predictor: lookahead (next layer's router), learned (a look-ahead fitted by "
-        "`moeflow trace`, from --expert-trace), learned2 (the same, two layers ahead), frequency, "
-        "cooccurrence (from --expert-trace), "
+        "`moeflow trace`, from --expert-trace), frequency, cooccurrence (from --expert-trace), "
         "none (default)",
     )
     p.add_argument(

@@ -11,9 +11,7 @@ File format (`.npz`, numpy.savez_compressed), format id "moeflow-trace-v1":
 - lookahead float32 [L-1, E, H+1]  optional: the learned look-ahead fitted on this text (row e of
                               map i scores expert e of MoE layer i+1 from layer i's router input,
                               last column the bias; store/learned.py); absent when the model is too
-                              wide to fit it (store.learned.MAX_FIT_BYTES) or has one MoE layer
-- lookahead2 float32 [L-2, E, H+1] optional: the same two MoE layers ahead (map i scores layer
-                              i+2); absent with fewer than three MoE layers or when lookahead is"""
+                              wide to fit it (store.learned.MAX_FIT_BYTES) or has one MoE layer"""
 
 from __future__ import annotations
 
@@ -100,8 +98,6 @@ def record(
     }
     if fit is not None:
         arrays["lookahead"] = fit.solve()
-        if len(layers) > 2:
-            arrays["lookahead2"] = fit.solve(2)
     return arrays
 
 

@@ -2,8 +2,7 @@
 
 Arrays: experts int16 [T, L, K] (-1 = unused slot), weights float32 [T, L, K], tokens int32 [T],
 seq int32 [T] (sequence of each token, in generation/prefill order), and meta: a 0-d array holding
-a JSON object (see TraceMeta). Optional: lookahead float32 [L-1, E, H+1] (and lookahead2
-[L-2, E, H+1], two layers ahead), the learned look-ahead
+a JSON object (see TraceMeta). Optional: lookahead float32 [L-1, E, H+1], the learned look-ahead
 fitted on the traced text (store.learned), absent from traces recorded before it existed."""
 
 from __future__ import annotations
@@ -58,7 +57,6 @@ class Trace:
     seq: np.ndarray  # int32 [T]
     meta: TraceMeta
     lookahead: np.ndarray | None = None  # float32 [L-1, E, H+1]: the learned look-ahead's maps
-    lookahead2: np.ndarray | None = None  # float32 [L-2, E, H+1]: the same, two layers ahead
 
     @property
     def n_tokens(self) -> int:
@@ -81,13 +79,7 @@ class Trace:
 
     def head(self, n: int) -> Trace:
         return Trace(
-            self.experts[:n],
-            self.weights[:n],
-            self.tokens[:n],
-            self.seq[:n],
-            self.meta,
-            self.lookahead,
-            self.lookahead2,
+            self.experts[:n], self.weights[:n], self.tokens[:n], self.seq[:n], self.meta, self.lookahead
         )
 
     def validate(self) -> None:
@@ -105,10 +97,15 @@ class Trace:
         lo, hi = int(self.experts.min()), int(self.experts.max())
         if lo < -1 or hi >= self.meta.n_experts:
             raise ConfigError(f"trace expert ids span {lo}..{hi}, outside -1..{self.meta.n_experts - 1}")
-        for name, maps, depth in (("lookahead", self.lookahead, 1), ("lookahead2", self.lookahead2, 2)):
-            want = (self.n_layers - depth, self.meta.n_experts, self.meta.hidden + 1)
-            if maps is not None and maps.shape != want:
-                raise ConfigError(f"trace {name} maps are {list(maps.shape)}; want {list(want)}")
+        if self.lookahead is not None and (
+            self.lookahead.ndim != 3
+            or self.lookahead.shape[:2] != (self.n_layers - 1, self.meta.n_experts)
+            or self.lookahead.shape[2] != self.meta.hidden + 1
+        ):
+            raise ConfigError(
+                f"trace lookahead maps are {list(self.lookahead.shape)}; want "
+                f"[{self.n_layers - 1}, {self.meta.n_experts}, {self.meta.hidden + 1}]"
+            )
         ordered = np.sort(self.experts, axis=-1)
         if ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any():
             raise ConfigError("trace names one expert twice in a token's layer")
@@ -124,10 +121,7 @@ def load_trace(path: str | Path) -> Trace:
             if missing:
                 raise ConfigError(f"{path} is not a moeflow trace: no {', '.join(missing)} array")
             arrays = {a: z[a] for a in ARRAYS}
-            maps = {
-                k: z[k].astype(np.float32, copy=False) if k in z.files else None
-                for k in ("lookahead", "lookahead2")
-            }
+            lookahead = z["lookahead"].astype(np.float32, copy=False) if "lookahead" in z.files else None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise ConfigError(f"cannot read trace {path}: {e}") from None
     meta = TraceMeta.from_json(str(arrays.pop("meta")))
@@ -137,8 +131,7 @@ def load_trace(path: str | Path) -> Trace:
         arrays["tokens"].astype(np.int32, copy=False),
         arrays["seq"].astype(np.int32, copy=False),
         meta,
-        maps["lookahead"],
-        maps["lookahead2"],
+        lookahead,
     )
     trace.validate()
     return trace
@@ -146,8 +139,7 @@ def load_trace(path: str | Path) -> Trace:
 
 def save_trace(path: str | Path, trace: Trace) -> None:
     meta = np.array(json.dumps(asdict(trace.meta)))
-    maps = (("lookahead", trace.lookahead), ("lookahead2", trace.lookahead2))
-    extra = {k: v for k, v in maps if v is not None}
+    extra = {} if trace.lookahead is None else {"lookahead": trace.lookahead}
     np.savez_compressed(
         path,
         experts=trace.experts,

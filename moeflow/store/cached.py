@@ -222,7 +222,8 @@ class CachedExperts:
             return
         ids = routed.ids
         nxt = self.predictor.next_experts(li, routed.x, ids, self.prefetch_room(routed.picks, ids.shape[0]))
-        for nli, chosen in [nxt] if isinstance(nxt, tuple) else nxt or ():  # (a list: several layers)
+        if nxt is not None:
+            nli, chosen = nxt
             self.prefetch(self.layers[nli], chosen)
             self._guess[nli] = {int(e) for e in chosen}
 
@@ -234,7 +235,7 @@ class CachedExperts:
         cap = self.cache.capacity
         if cap.scope == "layer":  # a model of one MoE layer prefetches into the layer running
             ids = ids[: cap.per_layer - sum(1 for k in self.in_use if k // self.n_experts == li)]
-        loaded, evicted = self.cache.prefetch_lists(li, ids, self.step, protect=self._protected(len(ids)))
+        loaded, evicted = self.cache.prefetch_lists(li, ids, self.step, protect=self.in_use)
         if evicted:
             self._release(evicted)
         for key in loaded:
@@ -244,19 +245,6 @@ class CachedExperts:
         except BaseException:
             self._invalidate(loaded)  # none of them may stay resident without its bytes on the way
             raise
-
-    def _protected(self, n_new: int) -> list[int]:
-        """What a prefetch of n_new experts must not evict: the running layer's experts, and
-        those guessed (and prefetched) for layers still to run, while they fit beside them. A
-        look-ahead two layers deep otherwise evicts the next layer's prefetches with the
-        following layer's (at 25% of SmolLM2-MoE: 70% hits against 94% one layer deep)."""
-        if not self._guess:
-            return self.in_use
-        ahead = [li * self.n_experts + e for li, guess in self._guess.items() for e in guess]
-        cap = self.cache.capacity
-        if cap.scope != "layer" and len(self.in_use) + len(ahead) + n_new > cap.total:
-            return self.in_use
-        return self.in_use + ahead
 
     def prefetch_room(self, picks: int, tokens: int) -> int:
         """How many experts to prefetch after a layer routed `tokens` tokens to `picks` experts in

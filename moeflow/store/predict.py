@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..layers.routing import picks_top_logits
 from ..sim.trace import Trace, load_trace
 
-PREDICTORS = ("none", "lookahead", "learned", "learned2", "frequency", "cooccurrence")
+PREDICTORS = ("none", "lookahead", "learned", "frequency", "cooccurrence")
 
 
 class EnginePredictor(Protocol):
@@ -29,8 +29,7 @@ class EnginePredictor(Protocol):
 
     def next_experts(self, li: int, x: torch.Tensor, ids: torch.Tensor, room: int):
         """MoE layer index li just routed input x [T, H] to ids [T, K] (-1 = unused).
-        Returns (next layer index, at most `room` expert ids), a list of such pairs (a predictor
-        that looks further ahead), or None for no prefetch."""
+        Returns (next layer index, at most `room` expert ids) or None for no prefetch."""
 
 
 class Lookahead:
@@ -54,16 +53,13 @@ class Lookahead:
     def next_experts(self, li: int, x: torch.Tensor, ids: torch.Tensor, room: int):
         if li + 1 >= len(self.blocks):  # the next token's first layer needs that token's state
             return None
-        return li + 1, self._guess(li + 1, *self._map(li), x, room)
-
-    def _guess(self, nli: int, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, room: int):
-        """The experts layer nli will likely use, scored from x by weight [E, H] (+ bias)."""
-        if x.shape[0] == 1 and self.picks_top[nli] and self._native_ok(x, weight):
+        weight, bias = self._map(li)
+        if x.shape[0] == 1 and self.picks_top[li + 1] and self._native_ok(x, weight):
             # one decode token's guess in one native call (four torch calls cost ~45 µs a layer)
-            return self._top(x, weight, bias)[:room]
+            return li + 1, self._top(x, weight, bias)[:room]
         with torch.no_grad():
-            guess = self._choose(nli, torch.nn.functional.linear(x.float(), weight, bias))
-        return by_votes(guess, room)
+            guess = self._choose(li + 1, torch.nn.functional.linear(x.float(), weight, bias))
+        return li + 1, by_votes(guess, room)
 
     def _map(self, li: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(fp32 weight [E, H], bias or None) that turn layer li's router input into a guess of
@@ -125,17 +121,17 @@ def make_engine_predictor(name: str, model, moe_layers: list[int], n_experts: in
         return None
     if name == "lookahead":
         return Lookahead(model, moe_layers, top_k, n_experts)
-    if name in ("learned", "learned2"):
+    if name == "learned":
         from .learned import LearnedLookahead  # (it builds on Lookahead, defined here)
 
         if trace is None:
-            raise ConfigError(f"prefetch {name} is fitted by `moeflow trace`: give --expert-trace TRACE")
+            raise ConfigError("prefetch learned is fitted by `moeflow trace`: give --expert-trace TRACE")
         tr = model_trace(trace, moe_layers, n_experts)
-        maps2 = tr.lookahead2 if name == "learned2" else None
-        if tr.lookahead is None or (name == "learned2" and maps2 is None):
-            what = "learned look-ahead" if tr.lookahead is None else "two-layer learned look-ahead"
-            raise ConfigError(f"trace {trace} holds no {what}: record it again with this moeflow's `trace`")
-        return LearnedLookahead(model, moe_layers, top_k, n_experts, tr.lookahead, maps2=maps2)
+        if tr.lookahead is None:
+            raise ConfigError(
+                f"trace {trace} holds no learned look-ahead: record it again with this moeflow's `trace`"
+            )
+        return LearnedLookahead(model, moe_layers, top_k, n_experts, tr.lookahead)
     if name == "frequency":
         return History(RecentFrequency(L, n_experts), L)
     if name == "cooccurrence":

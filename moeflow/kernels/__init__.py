@@ -87,16 +87,23 @@ def _plain(name: str, flags: list[str]):
         return None
 
 
+def _simd(src: Path, flags: list[str]):
+    """A library built from one of the AVX2 kernel files with -fopenmp (loaded into a process
+    that has torch, it binds torch's libgomp.so.1), or None where the native path is off, the
+    CPU lacks the instructions, or the build or load fails."""
+    if os.environ.get("MOEFLOW_NATIVE", "1") == "0" or not _cpu_ok():
+        return None
+    out = _compile(src, flags)
+    try:
+        return None if out is None else ctypes.CDLL(str(out))
+    except OSError:  # (a cache directory mounted noexec)
+        return None
+
+
 @cache
 def native():
     """The loaded library, or None when the native path is unavailable."""
-    if os.environ.get("MOEFLOW_NATIVE", "1") == "0" or not _cpu_ok():
-        return None
-    out = _compile(_SRC, _FLAGS)
-    try:
-        lib = None if out is None else ctypes.CDLL(str(out))  # (torch's libgomp.so.1 is the one it binds)
-    except OSError:  # (a cache directory mounted noexec)
-        return None
+    lib = _simd(_SRC, _FLAGS)
     if lib is None:
         return None
     ptr, i64, P = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p)
@@ -130,14 +137,9 @@ def native():
 
 @cache
 def native_decode():
-    """The decode-step library (decode.c: RMSNorm rows, one-token attention), or None as native()."""
-    if os.environ.get("MOEFLOW_NATIVE", "1") == "0" or not _cpu_ok():
-        return None
-    out = _compile(_SRC.with_name("decode.c"), [*_FLAGS, "-ffp-contract=off"])  # (rope: bit for bit)
-    try:
-        lib = None if out is None else ctypes.CDLL(str(out))
-    except OSError:
-        return None
+    """The decode-step library (decode.c: RMSNorm rows, rope, one-token attention), or None as
+    native()."""
+    lib = _simd(_SRC.with_name("decode.c"), [*_FLAGS, "-ffp-contract=off"])  # (rope: bit for bit)
     if lib is None:
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64

@@ -36,9 +36,8 @@ def attend_decode(q, k, v, cache, layer: int, batch, scale: float, window: int |
         and native_decode() is not None
     ):
         return None
-    slots = batch.slots if batch.slots.device.type == "cpu" else batch.slots.cpu()
-    return native_decode_attention(
-        q.contiguous(), k.contiguous(), v.contiguous(), kc, vc, slots, batch.lens, scale, window
+    return native_decode_attention(  # (the batch lives where q does: on the CPU)
+        q.contiguous(), k.contiguous(), v.contiguous(), kc, vc, batch.slots, batch.lens, scale, window
     )
 
 

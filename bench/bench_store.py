@@ -136,6 +136,7 @@ COUNTERS = (
     "demand_bytes",
     "demand_read_s",
     "stall_s",
+    "store_s",
 )
 
 
@@ -189,6 +190,7 @@ def summarise(r: dict) -> str:
         rec = s.get("recall")
         extra = (
             f" hit {s['hit_rate']:.1%} read {s['bytes_read'] / 2**20:.0f} MiB stall {s['stall_s']:.2f}s"
+            f" store work {s['store_s'] - s['stall_s']:.2f}s"
             f" demand-read {read_gbs:.2f} GB/s" + (f" P/R {s['precision']:.2f}/{rec:.2f}" if rec else "")
         )
     return f"{r['name']:<28} {r['decode_tps']:7.2f} tok/s  rss {r['peak_rss'] / 2**20:6.0f} MiB{extra}"

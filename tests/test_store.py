@@ -193,6 +193,7 @@ def test_stats_count_reads(chat_model, io):
     s = llm.expert_stats()
     assert s["prefetches"] == 0 and s["precision"] is None
     assert s["bytes_read"] == s["misses"] * expert_bytes(chat_model)
+    assert 0 < s["stall_s"] <= s["store_s"]  # the store's time on the model's thread holds its waits
     assert LLM(chat_model, progress=False).expert_stats() is None
 
 

@@ -66,7 +66,7 @@ def store_summary(r: dict) -> str:
     return (
         f"--- experts {r['policy']} cache {r['capacity']} ({human(r['budget_bytes'], 'B')}) | "
         f"hit rate {100 * r['hit_rate']:.1f}% | read {human(r['bytes_read'], 'B')} ({r['read_mode']}) | "
-        f"stalled on I/O {r['stall_s']:.2f} s{pr}"
+        f"stalled on I/O {r['stall_s']:.2f} s, store work {r['store_s'] - r['stall_s']:.2f} s{pr}"
     )
 
 

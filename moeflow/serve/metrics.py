@@ -42,6 +42,7 @@ class Metrics:
                 ("prefetches", "Experts read ahead of their use by the predictor"),
                 ("bytes_read", "Expert bytes read from the checkpoint files"),
                 ("stall_s", "Seconds the model waited for expert reads"),
+                ("store_s", "Seconds the model's thread spent in the expert store, waits included"),
             )
         }
         self._store_seen = dict.fromkeys(self.store, 0.0)

@@ -138,19 +138,27 @@ class CachedExperts:
         return self.slot_views[self.slot_of[key]]
 
     def fetch(self, layer: int, ids) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return self._weights(self._fetch(layer, ids, wait=True)[0])
+        t0 = time.perf_counter()
+        try:
+            return self._weights(self._fetch(layer, ids, wait=True)[0])
+        finally:
+            self.stats.store_s += time.perf_counter() - t0
 
     def fetch_staged(self, layer: int, ids) -> tuple[list, list[int], Callable[[], None]]:
         """Like fetch, but returns once the demand misses' reads are started rather than landed:
         (weights, positions in ids of those still arriving, settle). The weights at the other
         positions are usable now; settle() returns once the late ones are too (or raises why
         not). The caller computes the experts it has while the rest are read."""
-        keys, demand = self._fetch(layer, ids, wait=False)
+        t0 = time.perf_counter()
         try:
-            late = self._landing(keys)
-        except BaseException:
-            self._invalidate(keys)
-            raise
+            keys, demand = self._fetch(layer, ids, wait=False)
+            try:
+                late = self._landing(keys)
+            except BaseException:
+                self._invalidate(keys)
+                raise
+        finally:
+            self.stats.store_s += time.perf_counter() - t0
         if not late:
             return self._weights(keys), [], _nothing
         late_set = set(late)
@@ -164,6 +172,7 @@ class CachedExperts:
                 raise
             waited = time.perf_counter() - t0
             self.stats.stall_s += waited
+            self.stats.store_s += waited
             if demand:
                 self.stats.demand_read_s += waited
 
@@ -262,10 +271,12 @@ class CachedExperts:
             self.step += 1
         if self.predictor is None and not self._guess:  # nothing to predict, no guess to score
             return
+        t0 = time.perf_counter()
         flat = ids.reshape(-1).tolist()  # (python from here: cheaper than torch ops on a few ids)
         used = frozenset(flat) - {-1}
         picks = len(flat) - flat.count(-1)
         self._routed = _Routed(layer, x, ids, used, set(used), picks)
+        self.stats.store_s += time.perf_counter() - t0
 
     def _release(self, evicted: list[int]) -> None:
         for key in evicted:

@@ -376,6 +376,33 @@ def test_aio_decode_computes_its_experts_in_memory_while_the_rest_land(chat_mode
     assert store.q.in_flight == 0
 
 
+def test_aio_prediction_runs_while_a_layer_waits_for_its_reads(chat_model, aio_path):
+    """A staged fetch whose reads are still landing leaves the next layer's prediction (and its
+    prefetch) to settle(), which runs it before waiting, so the experts in memory are computed
+    first; with nothing late it runs at once, inside fetch_staged."""
+    llm = LLM(chat_model, progress=False, expert_memory="25%", prefetch="lookahead", expert_io="aio")
+    store = llm.loaded.experts
+    assert type(store) is aio_path
+    events, predict, arrive, reap = [], store._predict, store._arrive, store.q.reap
+    store._predict = lambda li, routed: (events.append(("predict", li)), predict(li, routed))[1]
+    store._arrive = lambda keys: (events.append(("arrive",)), arrive(keys))[1]
+    store.q.reap = lambda least: reap(least) if least else []  # no read seen landed before settle
+    layer, ids = store.layers[0], [0, 1, 2, 3]
+    x = torch.randn(1, store.hidden)
+    store.on_route(layer, x, torch.tensor([ids]))
+    _, late, settle = store.fetch_staged(layer, ids)
+    assert late == [0, 1, 2, 3] and events == []  # cold: all four in flight, nothing predicted yet
+    settle()
+    assert events[0] == ("predict", 0) and ("arrive",) in events[1:]
+    events.clear()
+    store.on_route(layer, x, torch.tensor([ids]))
+    _, late, _ = store.fetch_staged(layer, ids)
+    assert late == [] and events == [("predict", 0)]
+    store.q.reap = reap
+    store.close()
+    assert store.q.in_flight == 0
+
+
 def test_aio_late_read_failing_raises_at_settle_and_leaves_no_key_without_bytes(chat_model, aio_path):
     """A demand read that fails after the token started computing: settle() raises, this fetch's
     keys leave the cache, and the next fetch reads them again, exactly."""

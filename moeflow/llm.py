@@ -55,7 +55,7 @@ class LLM:
         expert_memory: str | int | None = None,
         expert_policy: str = "cyclic",
         expert_scope: str = "global",
-        prefetch: str = "none",
+        prefetch: str = "auto",
         expert_trace: str | Path | None = None,
         host_memory: str | int | None = None,
         on_miss: str = "copy",
@@ -64,8 +64,9 @@ class LLM:
     ):
         """expert_memory: a budget ("2GiB", "25%", bytes) for experts in RAM; the rest are read from
         the checkpoint files on demand (None: every expert resident). expert_policy: cyclic, lru,
-        lfu, reuse or pinned; prefetch: lookahead, frequency, cooccurrence or none; expert_trace: a
-        routing trace of this model (`moeflow trace`) that pinned and cooccurrence learn from.
+        lfu, reuse or pinned; prefetch: lookahead, learned, frequency, cooccurrence, none, or auto
+        (learned when expert_trace carries its fitted maps, else none); expert_trace: a routing
+        trace of this model (`moeflow trace`) that pinned, learned and cooccurrence learn from.
         With device="cuda", expert_memory is the GPU's budget over a RAM tier (host_memory: its
         budget, None for every expert in pinned RAM) and on_miss="cpu" computes a missed expert on
         the CPU instead of waiting for its copy. expert_io: how expert reads reach the disk, aio

@@ -64,6 +64,23 @@ def test_trace_carries_maps_that_beat_the_plain_router(chat_model, tmp_path):
         assert ((fitted - truth) ** 2).mean() < ((stale - truth) ** 2).mean()
 
 
+def test_auto_prefetch_is_learned_given_a_fitted_trace_else_none(chat_model, tmp_path):
+    """The default predictor: learned where --expert-trace carries its fitted maps, none without
+    a trace or with one recorded without them (pinned and cooccurrence still use it)."""
+    lm = load(chat_model, progress=False)
+    fitted, plain = tmp_path / "fitted.npz", tmp_path / "plain.npz"
+    save(fitted, record(lm, list(range(3, 300)), window=128, progress=False))
+    save(plain, record(lm, list(range(3, 300)), window=128, progress=False, fit_lookahead=False))
+
+    def predictor(**kw):
+        return LLM(chat_model, progress=False, expert_memory="25%", **kw).loaded.experts.predictor
+
+    assert predictor(expert_trace=fitted).name == "learned"
+    assert predictor(prefetch="auto", expert_trace=plain) is None
+    assert predictor() is None
+    assert predictor(prefetch="none", expert_trace=fitted) is None
+
+
 def test_learned_prefetch_needs_a_fitted_trace(chat_model, tmp_path):
     with pytest.raises(ConfigError, match="give --expert-trace"):
         LLM(chat_model, progress=False, expert_memory="25%", prefetch="learned")

@@ -52,10 +52,10 @@ def add_store_args(p) -> None:
     )
     p.add_argument(
         "--prefetch",
-        default="none",
+        default="auto",
         help="prefetch predictor: lookahead (next layer's router), learned (a look-ahead fitted by "
         "`moeflow trace`, from --expert-trace), frequency, cooccurrence (from --expert-trace), "
-        "none (default)",
+        "none, auto (default: learned when --expert-trace has its fitted maps, else none)",
     )
     p.add_argument(
         "--expert-io",

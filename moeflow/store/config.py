@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..cache.registry import POLICIES
 from ..errors import ConfigError
-from .predict import PREDICTORS
+from .predict import ENGINE_PREDICTORS
 
 
 @dataclass
@@ -14,7 +14,7 @@ class StoreConfig:
     expert_memory: str | int | None = None  # None: all experts resident; "2GiB", "25%", bytes
     policy: str = "cyclic"  # the best measured (BENCHMARKS.md); lru thrashes below a token's experts
     scope: str = "global"  # "global": layers share the budget; "layer": an equal share each
-    prefetch: str = "none"  # on 2 vCPUs its extra reads cost about what it hides (BENCHMARKS.md)
+    prefetch: str = "auto"  # learned if `trace` has its fitted maps, else none (store.predict)
     io_threads: int = 4  # demand misses of one layer are read this many at a time (io="threads")
     # how reads reach the disk: "aio" (Linux native AIO, no reader threads), "threads" (a pool of
     # reader threads), "auto" (aio where the files take O_DIRECT and the kernel has AIO)
@@ -31,9 +31,9 @@ class StoreConfig:
             raise ConfigError(f"unknown expert cache policy {self.policy!r} (known: {', '.join(usable)})")
         if self.scope not in ("global", "layer"):
             raise ConfigError(f"expert cache scope must be global or layer, got {self.scope!r}")
-        if self.prefetch not in PREDICTORS:
+        if self.prefetch not in ENGINE_PREDICTORS:
             raise ConfigError(
-                f"unknown prefetch predictor {self.prefetch!r} (known: {', '.join(PREDICTORS)})"
+                f"unknown prefetch predictor {self.prefetch!r} (known: {', '.join(ENGINE_PREDICTORS)})"
             )
         if self.on_miss not in ("copy", "cpu"):
             raise ConfigError(f"--on-miss must be copy or cpu, got {self.on_miss!r}")

@@ -22,6 +22,10 @@ from ..layers.routing import picks_top_logits
 from ..sim.trace import Trace, load_trace
 
 PREDICTORS = ("none", "lookahead", "learned", "frequency", "cooccurrence")
+# "auto" (the default): learned where the given trace carries its fitted maps, otherwise none. On
+# 2 vCPUs learned beat no prefetch at 10-50% budgets, while lookahead's ~2x bytes cost more than
+# the stalls it hides (BENCHMARKS.md, tiered expert store)
+ENGINE_PREDICTORS = ("auto", *PREDICTORS)
 
 
 class EnginePredictor(Protocol):
@@ -117,6 +121,9 @@ def by_votes(ids: torch.Tensor, room: int) -> np.ndarray | list[int]:
 def make_engine_predictor(name: str, model, moe_layers: list[int], n_experts: int, top_k: int, trace=None):
     """trace: path of a recorded routing trace of this model (the learned predictor's data)."""
     L = len(moe_layers)
+    if name == "auto":
+        fitted = trace is not None and model_trace(trace, moe_layers, n_experts).lookahead is not None
+        name = "learned" if fitted else "none"
     if name == "none":
         return None
     if name == "lookahead":
@@ -140,7 +147,7 @@ def make_engine_predictor(name: str, model, moe_layers: list[int], n_experts: in
                 "prefetch cooccurrence is fitted on a recorded trace: give --expert-trace TRACE"
             )
         return History(CoOccurrence.fit(model_trace(trace, moe_layers, n_experts).experts, n_experts), L)
-    raise ConfigError(f"unknown prefetch predictor {name!r} (known: {', '.join(PREDICTORS)})")
+    raise ConfigError(f"unknown prefetch predictor {name!r} (known: {', '.join(ENGINE_PREDICTORS)})")
 
 
 def model_trace(path, moe_layers: list[int], n_experts: int) -> Trace:

@@ -121,20 +121,19 @@ def by_votes(ids: torch.Tensor, room: int) -> np.ndarray | list[int]:
 def make_engine_predictor(name: str, model, moe_layers: list[int], n_experts: int, top_k: int, trace=None):
     """trace: path of a recorded routing trace of this model (the learned predictor's data)."""
     L = len(moe_layers)
-    if name == "auto":
-        fitted = trace is not None and model_trace(trace, moe_layers, n_experts).lookahead is not None
-        name = "learned" if fitted else "none"
     if name == "none":
         return None
     if name == "lookahead":
         return Lookahead(model, moe_layers, top_k, n_experts)
-    if name == "learned":
+    if name in ("learned", "auto"):  # auto: learned where the trace has the fitted maps, else none
         from .learned import LearnedLookahead  # (it builds on Lookahead, defined here)
 
-        if trace is None:
-            raise ConfigError("prefetch learned is fitted by `moeflow trace`: give --expert-trace TRACE")
-        tr = model_trace(trace, moe_layers, n_experts)
-        if tr.lookahead is None:
+        tr = None if trace is None else model_trace(trace, moe_layers, n_experts)
+        if tr is None or tr.lookahead is None:
+            if name == "auto":
+                return None
+            if tr is None:
+                raise ConfigError("prefetch learned is fitted by `moeflow trace`: give --expert-trace TRACE")
             raise ConfigError(
                 f"trace {trace} holds no learned look-ahead: record it again with this moeflow's `trace`"
             )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from moeflow.loader.load import load
 from moeflow.store import aio, build
 from moeflow.store.aio_direct import AioDirectExperts
 from moeflow.store.aio_experts import AioExperts
+from moeflow.store.aio_native import NativeAioExperts
 from moeflow.store.cached import CachedExperts
 from moeflow.store.config import StoreConfig
 from moeflow.store.tiered import TieredExperts
@@ -45,21 +47,33 @@ def _aio_here() -> bool:
 
 
 # the store's read paths: reader threads, and Linux AIO either straight into the slots (where the
-# checkpoint's layout allows, as the test models' does) or through bounce buffers; the
-# single-expert matrix below runs the default ("auto": aio into the slots here)
+# checkpoint's layout allows, as the test models' does; each layer's step in one native call with
+# the cyclic policy, in Python otherwise) or through bounce buffers; the single-expert matrix
+# below runs the default ("auto": aio into the slots here, native with cyclic)
 _NO_AIO = pytest.mark.skipif(not _aio_here(), reason="no AIO/O_DIRECT")
-IO_PATHS = {"threads": TieredExperts, "aio": AioDirectExperts, "aio-bounce": AioExperts}
+IO_PATHS = {
+    "threads": TieredExperts,
+    "aio": NativeAioExperts,
+    "aio-python": AioDirectExperts,
+    "aio-bounce": AioExperts,
+}
+AIO_PATHS = [pytest.param(p, marks=_NO_AIO) for p in ("aio", "aio-python", "aio-bounce")]
 
 
-@pytest.fixture(
-    params=["threads", pytest.param("aio", marks=_NO_AIO), pytest.param("aio-bounce", marks=_NO_AIO)]
-)
-def io(request, monkeypatch):
-    """The read path's name; "aio-bounce" is io="aio" with the in-slot layout turned down."""
-    if request.param == "aio-bounce":
+def _choose_path(name: str, monkeypatch) -> None:
+    """ "aio-python": the in-slot store with its Python step; "aio-bounce": the in-slot layout
+    turned down."""
+    if name == "aio-python":
+        monkeypatch.setattr(build, "native_step_usable", lambda spec: False)
+    if name == "aio-bounce":
         monkeypatch.setattr(build, "direct_layout", lambda *a: None)
-        return "aio"
-    return request.param
+
+
+@pytest.fixture(params=["threads", *AIO_PATHS])
+def io(request, monkeypatch):
+    """The read path's name, as given to expert_io."""
+    _choose_path(request.param, monkeypatch)
+    return "threads" if request.param == "threads" else "aio"
 
 
 @pytest.fixture(scope="module")
@@ -229,11 +243,11 @@ def test_deleted_file_mid_run_keeps_serving(chat_model, reference, tmp_path, io)
     assert tokens == reference["top4"][0]
 
 
-@pytest.fixture(params=[pytest.param("aio", marks=_NO_AIO), pytest.param("aio-bounce", marks=_NO_AIO)])
+@pytest.fixture(params=AIO_PATHS)
 def aio_path(request, monkeypatch):
-    """The two AIO stores: reads straight into the slots, or through bounce buffers."""
-    if request.param == "aio-bounce":
-        monkeypatch.setattr(build, "direct_layout", lambda *a: None)
+    """The AIO stores: reads straight into the slots (native or Python step), or through bounce
+    buffers."""
+    _choose_path(request.param, monkeypatch)
     return IO_PATHS[request.param]
 
 
@@ -254,7 +268,7 @@ def test_aio_prefetch_cancelled_in_flight_leaves_its_slot_clean(chat_model, aio_
             assert torch.equal(g13, w13) and torch.equal(g2, w2)
         store._invalidate([4, 5, 6, 7])
     store.close()
-    assert store.q.in_flight == 0
+    assert store.reads_in_flight == 0
 
 
 @pytest.mark.parametrize("depth", [64, 4])
@@ -273,7 +287,7 @@ def test_aio_reads_in_chunks_are_exact(chat_model, monkeypatch, aio_path, dtype,
     llm = LLM(chat_model, progress=False, dtype=dtype, expert_memory="25%", prefetch="lookahead")
     store = llm.loaded.experts
     assert type(store) is (aio_path if dtype == "float32" else AioExperts)
-    assert store.q.depth == depth and getattr(store, "_size", 8192) == 8192
+    assert store.queue_depth == depth and getattr(store, "_size", 8192) == 8192
     got = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
     assert got == [o.token_ids for o in want.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
     if dtype == "float32":  # (run_windows computes in float32)
@@ -291,12 +305,25 @@ def test_aio_reads_in_chunks_are_exact(chat_model, monkeypatch, aio_path, dtype,
     assert s["misses"] * one <= s["bytes_read"] <= (s["misses"] + s["prefetches"]) * one
 
 
-def fail_first_read(store, hold: bool = False):
+def hold_reads(store) -> Callable[[], None]:
+    """From now on a look for completions without waiting finds none (reads seem slow to land);
+    returns what undoes it."""
+    if isinstance(store, NativeAioExperts):
+        store._st.hold = 1
+        return lambda: setattr(store._st, "hold", 0)
+    reap = store.q.reap
+    store.q.reap = lambda least: reap(least) if least else []
+    return lambda: setattr(store.q, "reap", reap)
+
+
+def fail_first_read(store, hold: bool = False) -> None:
     """The store's next read to complete comes back as an I/O error (then reads are normal
-    again); hold: until then, a look for completions without waiting finds none. Returns the
-    real reap."""
+    again); hold: until then, a look for completions without waiting finds none."""
     import errno
 
+    if isinstance(store, NativeAioExperts):  # (injected in store.c, as the kernel's result)
+        store._st.fail_read, store._st.hold = errno.EIO, int(hold)
+        return
     reap = store.q.reap
 
     def failing(least):
@@ -309,15 +336,34 @@ def fail_first_read(store, hold: bool = False):
         return done
 
     store.q.reap = failing
-    return reap
+
+
+def refuse_next_submit(store) -> Callable[[], None]:
+    """The kernel refuses the store's next submission (EIO); returns what undoes it."""
+    import errno
+
+    if isinstance(store, NativeAioExperts):
+        store._st.fail_submit = errno.EIO
+        return lambda: setattr(store._st, "fail_submit", 0)
+
+    def refused(batch):
+        raise OSError(errno.EIO, "io_submit: injected")
+
+    submit, store.q.submit = store.q.submit, refused
+    return lambda: setattr(store.q, "submit", submit)
+
+
+def nothing_pending(store) -> bool:
+    """No read in flight nor failure recorded for any key."""
+    if isinstance(store, NativeAioExperts):
+        return not store._pending.any() and not store._failed.any()
+    return not store._pending and not store._failed
 
 
 def test_aio_failures_leave_no_key_without_its_bytes(chat_model, aio_path):
     """A submission the kernel refuses (during a prefetch) or a read that fails on completion
     (during a demand load) raises; the keys involved leave the cache, every bounce buffer comes
     back, and the next request reads those experts afresh, exactly."""
-    import errno
-
     resident = LLM(chat_model, progress=False).loaded.experts
     llm = LLM(chat_model, progress=False, expert_memory=8 * expert_bytes(chat_model), expert_io="aio")
     store = llm.loaded.experts
@@ -325,20 +371,16 @@ def test_aio_failures_leave_no_key_without_its_bytes(chat_model, aio_path):
     layer, ids = store.layers[0], [0, 1, 2, 3]
     n_bufs = len(getattr(store, "_free_bufs", ()))
     keys = [store.index[layer] * store.n_experts + e for e in ids]
-
-    def refused(batch):
-        raise OSError(errno.EIO, "io_submit: injected")
-
-    submit, store.q.submit = store.q.submit, refused
-    with pytest.raises(OSError, match="injected"):
+    undo = refuse_next_submit(store)
+    with pytest.raises(OSError, match="io_submit"):
         store.prefetch(layer, ids)
-    store.q.submit = submit
-    reap = fail_first_read(store)
+    undo()
+    assert not store.cache.resident[keys].any() and (store.slot_of[keys] < 0).all()
+    fail_first_read(store)
     with pytest.raises(OSError, match="Input/output error"):
         store.fetch(layer, ids)
-    assert store.q.reap == reap
     assert not store.cache.resident[keys].any() and (store.slot_of[keys] < 0).all()
-    assert len(getattr(store, "_free_bufs", ())) == n_bufs and not store._pending and not store._failed
+    assert len(getattr(store, "_free_bufs", ())) == n_bufs and nothing_pending(store)
     for (g13, g2), (w13, w2) in zip(store.fetch(layer, ids), resident.fetch(layer, ids)):
         assert torch.equal(g13, w13) and torch.equal(g2, w2)
 
@@ -351,15 +393,14 @@ def test_aio_decode_computes_its_experts_in_memory_while_the_rest_land(chat_mode
     store = llm.loaded.experts
     assert type(store) is aio_path
     check_budget(store)
-    reap, landing, late = store.q.reap, store._landing, []
-    store.q.reap = lambda least: reap(least) if least else []
+    undo, staged, late = hold_reads(store), store.fetch_staged, []
 
-    def counted(keys):
-        got = landing(keys)
-        late.append(len(got) < len(keys) and len(got))  # some computed early, some late
+    def counted(layer, ids):
+        got = staged(layer, ids)
+        late.append(0 < len(got[1]) < len(ids))  # some computed early, some late
         return got
 
-    store._landing = counted
+    store.fetch_staged = counted
     want = LLM(chat_model, progress=False)
     for prompt in PROMPTS:  # one sequence at a time: a decode step is then a single token
         got = llm.generate(prompt_token_ids=[prompt], sampling_params=GREEDY)[0].token_ids
@@ -370,10 +411,10 @@ def test_aio_decode_computes_its_experts_in_memory_while_the_rest_land(chat_mode
         for m in (llm, want)
     )
     assert torch.equal(a, b)
-    assert sum(bool(n) for n in late) >= 5, "no decode step split its experts"
-    store.q.reap = reap
+    assert sum(late) >= 5, "no decode step split its experts"
+    undo()
     store.close()
-    assert store.q.in_flight == 0
+    assert store.reads_in_flight == 0
 
 
 def test_aio_prediction_runs_while_a_layer_waits_for_its_reads(chat_model, aio_path):
@@ -383,10 +424,12 @@ def test_aio_prediction_runs_while_a_layer_waits_for_its_reads(chat_model, aio_p
     llm = LLM(chat_model, progress=False, expert_memory="25%", prefetch="lookahead", expert_io="aio")
     store = llm.loaded.experts
     assert type(store) is aio_path
-    events, predict, arrive, reap = [], store._predict, store._arrive, store.q.reap
+    events, predict = [], store._predict
     store._predict = lambda li, routed: (events.append(("predict", li)), predict(li, routed))[1]
-    store._arrive = lambda keys: (events.append(("arrive",)), arrive(keys))[1]
-    store.q.reap = lambda least: reap(least) if least else []  # no read seen landed before settle
+    wait = "_await" if isinstance(store, NativeAioExperts) else "_arrive"  # (where settle waits)
+    arrive = getattr(store, wait)
+    setattr(store, wait, lambda *a: (events.append(("arrive",)), arrive(*a))[1])
+    undo = hold_reads(store)  # no read seen landed before settle
     layer, ids = store.layers[0], [0, 1, 2, 3]
     x = torch.randn(1, store.hidden)
     store.on_route(layer, x, torch.tensor([ids]))
@@ -398,9 +441,9 @@ def test_aio_prediction_runs_while_a_layer_waits_for_its_reads(chat_model, aio_p
     store.on_route(layer, x, torch.tensor([ids]))
     _, late, _ = store.fetch_staged(layer, ids)
     assert late == [] and events == [("predict", 0)]
-    store.q.reap = reap
+    undo()
     store.close()
-    assert store.q.in_flight == 0
+    assert store.reads_in_flight == 0
 
 
 def test_aio_late_read_failing_raises_at_settle_and_leaves_no_key_without_bytes(chat_model, aio_path):
@@ -419,7 +462,7 @@ def test_aio_late_read_failing_raises_at_settle_and_leaves_no_key_without_bytes(
     with pytest.raises(OSError, match="Input/output error"):
         settle()
     assert not store.cache.resident[keys].any() and (store.slot_of[keys] < 0).all()
-    assert not store._pending and not store._failed
+    assert nothing_pending(store)
     for (g13, g2), (w13, w2) in zip(store.fetch(layer, ids), resident.fetch(layer, ids)):
         assert torch.equal(g13, w13) and torch.equal(g2, w2)
 

@@ -1,5 +1,6 @@
 """Native kernels (small-M linear, fused experts; decode-step norms and attention in decode.c;
-cache decisions in cache.c), compiled on first use with the machine's C compiler.
+cache decisions in cache.c; the tiered store's per-layer step in store.c), compiled on first use
+with the machine's C compiler.
 
 Falls back to torch (returns None from `native()`) when there is no compiler, the CPU lacks
 AVX2/FMA/F16C, or MOEFLOW_NATIVE=0; results are the same up to float rounding either way."""
@@ -75,6 +76,25 @@ def native_cache():
 def native_aio():
     """Linux AIO submission and reaping in one call a batch (aio.c), or None as native_cache."""
     return _plain("aio.c", []) if platform.system() == "Linux" else None
+
+
+@cache
+def native_store():
+    """One MoE layer's store step in one call (store.c: cache decision, slots, AIO reads into
+    them), or None as native_aio."""
+    lib = _plain("store.c", []) if platform.system() == "Linux" else None
+    if lib is None:
+        return None
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.mf_store_open.argtypes = lib.mf_store_close.argtypes = [ptr]
+    lib.mf_store_open.restype, lib.mf_store_close.restype = i64, None
+    lib.mf_store_fetch.argtypes = [ptr, i64, ptr, i64, i64, ctypes.c_int, ptr, ptr, ptr]
+    lib.mf_store_fetch.restype = i64
+    lib.mf_store_wait.argtypes = [ptr, i64, ptr, i64]
+    lib.mf_store_prefetch.argtypes = [ptr, i64, ptr, i64]
+    lib.mf_store_release.argtypes = [ptr, ptr, i64]
+    lib.mf_store_wait.restype = lib.mf_store_prefetch.restype = lib.mf_store_release.restype = ctypes.c_int
+    return lib
 
 
 def _plain(name: str, flags: list[str]):
@@ -261,6 +281,30 @@ def experts_usable(x: torch.Tensor, w13: torch.Tensor) -> bool:
     )
 
 
+class ExpertPtrs:
+    """The experts of one fetch as addresses, from a store that computes them natively
+    (store.aio_native): what the fused kernel reads, without a tensor view per expert. The
+    buffers are the store's and are reused by its next fetch. Indexing gives (w13, w2) views,
+    for the paths that want tensors."""
+
+    __slots__ = ("n", "w13", "w2", "sel_at", "n_late", "dt", "inter", "_view")
+
+    def __init__(self, n: int, w13, w2, sel_at: int, n_late: int, dt: int, inter: int, view):
+        self.n, self.w13, self.w2, self.sel_at, self.n_late = n, w13, w2, sel_at, n_late
+        self.dt, self.inter, self._view = dt, inter, view  # dt: a native dtype code, -1 for none
+
+    def fused_ok(self, x: torch.Tensor) -> bool:
+        return self.dt >= 0 and x.device.type == "cpu" and x.shape[-1] % 4 == 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return self._view(i % self.n)
+
+
 def native_moe_token(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -271,7 +315,10 @@ def native_moe_token(
     """One token [1, H] through experts [(w13 [2I, H], w2 [H, I])] weighted by scale [n] -> fp32 [1, H].
     late: positions of experts whose weights are still being read into place: the others are
     computed first, then settle() returns once the late ones are in, and they follow. The
-    result is bit for bit the same either way (each expert's output, then one sum in order)."""
+    result is bit for bit the same either way (each expert's output, then one sum in order).
+    experts may be an ExpertPtrs, whose own order (those in, then the late) is used."""
+    if isinstance(experts, ExpertPtrs):
+        return _moe_token_ptrs(x, scale, experts, settle)
     lib = native()
     n, H, I = len(experts), x.shape[-1], experts[0][1].shape[1]
     w13 = (ctypes.c_void_p * n)(*[a.data_ptr() for a, _ in experts])
@@ -296,6 +343,26 @@ def native_moe_token(
     settle()
     rest = sel.data_ptr() + len(first) * sel.element_size()
     lib.mf_moe_token_part(n, n - len(first), rest, w13, w2, scale.data_ptr(), *bufs, H, I, dt)
+    return out
+
+
+def _moe_token_ptrs(x: torch.Tensor, scale: torch.Tensor, e: ExpertPtrs, settle) -> torch.Tensor:
+    lib, n, H, I = native(), e.n, x.shape[-1], e.inter
+    x = x.float().contiguous()
+    scale = scale.float().contiguous()
+    out = torch.empty(1, H, dtype=torch.float32)
+    hbuf = torch.empty(n * 2 * I, dtype=torch.float32)
+    act = torch.empty(n * I, dtype=torch.float32)
+    if not e.n_late:
+        lib.mf_moe_token(n, e.w13, e.w2, *[t.data_ptr() for t in (scale, x, out, hbuf, act)], H, I, e.dt)
+        return out
+    y = torch.empty(n * H, dtype=torch.float32)  # each expert's output, summed at the end
+    bufs = [t.data_ptr() for t in (x, out, y, hbuf, act)]
+    first = n - e.n_late
+    if first:
+        lib.mf_moe_token_part(n, first, e.sel_at, e.w13, e.w2, None, *bufs, H, I, e.dt)
+    settle()
+    lib.mf_moe_token_part(n, e.n_late, e.sel_at + 8 * first, e.w13, e.w2, scale.data_ptr(), *bufs, H, I, e.dt)
     return out
 
 

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..kernels import experts_usable, native_moe_grouped, native_moe_token
+from ..kernels import ExpertPtrs, experts_usable, native_moe_grouped, native_moe_token
 from .linear import linear
 
 # 16-bit experts whose blocks are all below this many tokens take the native grouped kernel
@@ -101,7 +101,11 @@ def _single_token(
     x: torch.Tensor, w: torch.Tensor, ids: list[int], fetch: Fetch, stage: Stage | None
 ) -> torch.Tensor:
     experts, late, settle = stage(ids) if stage is not None else (fetch(ids), [], None)
-    if experts_usable(x, experts[0][0]):  # one fused kernel call for the layer (two if some are late)
+    if isinstance(experts, ExpertPtrs):  # a native store step's addresses
+        fused = experts.fused_ok(x)
+    else:
+        fused = experts_usable(x, experts[0][0])
+    if fused:  # one fused kernel call for the layer (two if some are late)
         return native_moe_token(x, w, experts, late, settle).to(x.dtype)
     if late:
         settle()

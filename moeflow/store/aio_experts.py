@@ -55,7 +55,7 @@ class AioExperts(TieredExperts):
         self, emap: ExpertMap, spec: SlotSpec, reader: FileReader, io_threads: int = 4, pin: bool = False
     ):
         super().__init__(emap, spec, io_threads, pin, reader)
-        self.q = AioQueue(self._buffers(emap))
+        self.q = self._queue(self._buffers(emap))
         self._tag = 0
         self._reqs: dict[int, tuple] = {}  # tag -> (key, run, buffer, file offset, length)
         self._plans: dict[int, list] = {}  # key -> its reads (_reads)
@@ -76,9 +76,20 @@ class AioExperts(TieredExperts):
         self._raw = [s.view(torch.uint8).numpy() for s in self.slots]  # each slot's bytes
         return n
 
+    def _queue(self, depth: int) -> AioQueue | None:
+        return AioQueue(depth)
+
     @property
     def read_mode(self) -> str:
         return "O_DIRECT, Linux AIO"
+
+    @property
+    def reads_in_flight(self) -> int:
+        return self.q.in_flight
+
+    @property
+    def queue_depth(self) -> int:
+        return self.q.depth
 
     # ---- the three ways bytes move
 
@@ -240,5 +251,6 @@ class AioExperts(TieredExperts):
                 raise err
 
     def close(self) -> None:
-        self.q.close()
+        if self.q is not None:
+            self.q.close()
         super().close()

@@ -13,6 +13,8 @@ from ..models.args import ModelArgs
 from . import aio
 from .aio_direct import AioDirectExperts, direct_layout
 from .aio_experts import AioExperts, usable
+from .aio_native import NativeAioExperts
+from .aio_native import usable as native_step_usable
 from .budget import parse_size
 from .cached import SlotSpec
 from .config import StoreConfig
@@ -80,6 +82,8 @@ def tiered_store(
         try:
             layout = None if pin else direct_layout(emap, dtype, m.intermediate, args.hidden)
             if layout is not None:  # reads land in the slots themselves
+                if native_step_usable(spec):  # each layer's step in one native call
+                    return NativeAioExperts(emap, spec, reader, layout)
                 return AioDirectExperts(emap, spec, reader, layout)
             return AioExperts(emap, spec, reader, cfg.io_threads, pin)
         except OSError as e:  # e.g. the system's AIO request limit (aio-max-nr) is used up

@@ -60,6 +60,10 @@ def child(spec: dict) -> dict:
     from moeflow.llm import LLM
 
     base_rss = vm()  # python + torch + moeflow imported, nothing loaded
+    if not spec.get("native_step", True):  # the in-slot AIO store keeps its Python step
+        from moeflow.store import build
+
+        build.native_step_usable = lambda slots: False
     drop_page_cache(Path(spec["model"]).glob("*.safetensors"))  # every configuration starts cold
     t0 = time.perf_counter()
     llm = LLM(
@@ -206,6 +210,16 @@ def with_threads(specs: list[dict], endings: tuple[str, ...]) -> list[dict]:
     ]
 
 
+def with_python_step(specs: list[dict], endings: tuple[str, ...]) -> list[dict]:
+    """The runs whose names end with `endings` again with the in-slot AIO store's Python step
+    instead of its native one (store.c), named "... python step"."""
+    return [
+        s | {"name": s["name"] + " python step", "native_step": False}
+        for s in specs
+        if s["name"].endswith(endings)
+    ]
+
+
 def run_configs(specs: list[dict], rounds: int, only: list[str] | None = None) -> list[dict]:
     """Each configuration `rounds` times, interleaved; keeps the median-speed result of each.
     `only`: run just the configurations whose names start with one of these."""
@@ -326,6 +340,7 @@ def case_real(a) -> dict:
     for pred in ("none", "frequency", "cooccurrence"):
         specs.append(base | {"name": f"25% cyclic {pred}", "budget": q, "policy": "cyclic", "prefetch": pred})
     specs += with_threads(specs[1:], ("cyclic none", "cyclic lookahead", "cyclic learned"))
+    specs += with_python_step(specs[1:], ("cyclic none", "cyclic learned"))
     from moeflow.default_model import smollm2_gguf
 
     specs.append(base | {"name": "dense source (GGUF, fp32)", "model": str(smollm2_gguf())})

@@ -439,8 +439,11 @@ def test_aio_prediction_runs_while_a_layer_waits_for_its_reads(chat_model, aio_p
     assert events[0] == ("predict", 0) and ("arrive",) in events[1:]
     events.clear()
     store.on_route(layer, x, torch.tensor([ids]))
-    _, late, _ = store.fetch_staged(layer, ids)
+    weights, late, _ = store.fetch_staged(layer, ids)
     assert late == [] and events == [("predict", 0)]
+    resident = LLM(chat_model, progress=False).loaded.experts  # (the native step's are addresses)
+    for (g13, g2), (w13, w2) in zip(weights, resident.fetch(layer, ids), strict=True):
+        assert torch.equal(g13, w13) and torch.equal(g2, w2)
     undo()
     store.close()
     assert store.reads_in_flight == 0

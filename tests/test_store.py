@@ -17,6 +17,7 @@ from moeflow.engine.sampling import SamplingParams
 from moeflow.errors import CheckpointError, ConfigError
 from moeflow.eval.trace import record, save
 from moeflow.eval.windows import run_windows, split
+from moeflow.kernels import ExpertPtrs
 from moeflow.llm import LLM
 from moeflow.loader.load import load
 from moeflow.store import aio, build
@@ -213,13 +214,14 @@ def test_stats_count_reads(chat_model, io):
 
 @pytest.mark.parametrize("prefetch", ["none", "lookahead"])
 def test_truncated_file_mid_run_is_an_error_and_leaves_no_bad_expert(
-    chat_model, reference, tmp_path, prefetch, io
+    chat_model, reference, tmp_path, prefetch, io, request
 ):
     """A read that comes up short raises; the experts it was filling leave the cache, so once the
     file is whole again the output is exactly right (no slot computes with partial bytes)."""
     path = tmp_path / "model"
     shutil.copytree(chat_model, path)
     llm = LLM(path, progress=False, expert_memory="25%", prefetch=prefetch, expert_io=io)
+    assert type(llm.loaded.experts) is IO_PATHS[request.node.callspec.params["io"]]
     llm.generate(prompt_token_ids=PROMPTS[:1], sampling_params=GREEDY)
     (weights,) = path.glob("*.safetensors")
     whole = weights.read_bytes()
@@ -232,11 +234,12 @@ def test_truncated_file_mid_run_is_an_error_and_leaves_no_bad_expert(
     assert tokens == reference["top4"][0]
 
 
-def test_deleted_file_mid_run_keeps_serving(chat_model, reference, tmp_path, io):
+def test_deleted_file_mid_run_keeps_serving(chat_model, reference, tmp_path, io, request):
     """The open descriptor holds the inode: the original bytes are still read, exactly."""
     path = tmp_path / "model"
     shutil.copytree(chat_model, path)
     llm = LLM(path, progress=False, expert_memory="25%", expert_io=io)
+    assert type(llm.loaded.experts) is IO_PATHS[request.node.callspec.params["io"]]
     for f in path.glob("*.safetensors"):
         f.unlink()
     tokens = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
@@ -442,8 +445,10 @@ def test_aio_prediction_runs_while_a_layer_waits_for_its_reads(chat_model, aio_p
     weights, late, _ = store.fetch_staged(layer, ids)
     assert late == [] and events == [("predict", 0)]
     resident = LLM(chat_model, progress=False).loaded.experts  # (the native step's are addresses)
-    for (g13, g2), (w13, w2) in zip(weights, resident.fetch(layer, ids), strict=True):
+    for i, ((g13, g2), (w13, w2)) in enumerate(zip(weights, resident.fetch(layer, ids), strict=True)):
         assert torch.equal(g13, w13) and torch.equal(g2, w2)
+        if isinstance(weights, ExpertPtrs):  # what the fused kernel reads is those views' memory
+            assert (weights.w13[i], weights.w2[i]) == (g13.data_ptr(), g2.data_ptr())
     undo()
     store.close()
     assert store.reads_in_flight == 0
@@ -456,6 +461,7 @@ def test_aio_late_read_failing_raises_at_settle_and_leaves_no_key_without_bytes(
     resident = LLM(chat_model, progress=False).loaded.experts
     llm = LLM(chat_model, progress=False, expert_memory=8 * expert_bytes(chat_model), expert_io="aio")
     store = llm.loaded.experts
+    assert type(store) is aio_path
     layer, ids = store.layers[0], [0, 1, 2, 3]
     keys = [store.index[layer] * store.n_experts + e for e in ids]
     store.fetch(layer, ids[:2])  # two resident, two to read
@@ -468,6 +474,33 @@ def test_aio_late_read_failing_raises_at_settle_and_leaves_no_key_without_bytes(
     assert nothing_pending(store)
     for (g13, g2), (w13, w2) in zip(store.fetch(layer, ids), resident.fetch(layer, ids)):
         assert torch.equal(g13, w13) and torch.equal(g2, w2)
+
+
+@_NO_AIO
+def test_native_step_refuses_bad_ids_and_stops_after_a_failed_wait(chat_model):
+    """An id the cache would skip as unused (-1) is refused, leaving the cache as it was. A wait
+    for reads that fails (io_getevents itself, injected in store.c) leaves nothing known to be
+    safe, so the store refuses every later request with the same one line."""
+    import errno
+
+    llm = LLM(chat_model, progress=False, expert_memory=8 * expert_bytes(chat_model), expert_io="aio")
+    store = llm.loaded.experts
+    assert type(store) is NativeAioExperts
+    layer = store.layers[0]
+    with pytest.raises(ValueError, match="expert id -1 out of range"):
+        store.fetch(layer, [0, -1])
+    assert len(store.cache) == 0 and (store.slot_of < 0).all()
+    store._st.hold = 1  # nothing seen landed before settle
+    _, late, settle = store.fetch_staged(layer, [0, 1, 2, 3])
+    assert late == [0, 1, 2, 3]
+    store._st.fail_reap = errno.EINVAL
+    with pytest.raises(RuntimeError, match="can no longer read safely .io_getevents: Invalid argument"):
+        settle()
+    for call in (lambda: store.fetch(layer, [4]), lambda: store.prefetch(layer, [5])):
+        with pytest.raises(RuntimeError, match="can no longer read safely"):
+            call()
+    store.close()
+    assert store.reads_in_flight == 0
 
 
 def test_aio_is_refused_where_it_cannot_run(chat_model, monkeypatch):

@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #define ALIGN 4096
@@ -23,7 +24,9 @@ typedef int (*request_fn)(void *cache, int64_t layer, const int64_t *ids, int64_
 typedef int (*prefetch_fn)(void *cache, int64_t layer, const int64_t *ids, int64_t n, const int64_t *protect,
                            int64_t np);
 
-enum { ACCESSES, HITS, MISSES, PREFETCH_HITS, EVICTIONS, WASTED, PREFETCHES, DEMAND_LOADS, BYTES_READ, N_COUNT };
+// DEMAND_NS: time spent submitting demand misses' reads (the Python store counts it as stall)
+enum { ACCESSES, HITS, MISSES, PREFETCH_HITS, EVICTIONS, WASTED, PREFETCHES, DEMAND_LOADS, BYTES_READ, DEMAND_NS,
+       N_COUNT };
 
 typedef struct {
     void *cache;  // cache.c's mf_cache, and its request and prefetch
@@ -54,6 +57,7 @@ typedef struct {
     // this errno; the next completion taken reports this errno; until then (or for good, without
     // fail_read) looks for completions without waiting find none
     int64_t fail_submit, fail_read, hold;
+    int64_t fail_reap;  // the next look for completions fails with this errno
 } mf_store;
 
 struct ring {  // the head of the kernel's completion ring, mapped at the context's address
@@ -90,6 +94,12 @@ static void complete(mf_store *s, int64_t j, int64_t res) {
 static int64_t reap(mf_store *s, int64_t least) {
     if (least > s->in_flight) least = s->in_flight;
     if (!s->in_flight) return 0;
+    if (!s->ctx) return -EBADF;  // (closed after a failed reap: reads may still be in flight)
+    if (s->fail_reap) {
+        int64_t e = s->fail_reap;
+        s->fail_reap = 0;
+        return -e;
+    }
     if (!least) {
         if (s->hold) return 0;
         const volatile struct ring *r = (const volatile struct ring *)(uintptr_t)s->ctx;
@@ -203,8 +213,15 @@ int mf_store_release(mf_store *s, const int64_t *keys, int64_t n) { return relea
 static int admit(mf_store *s, int64_t n_new, int64_t n_ev) {
     int rc = release(s, s->c_evicted, n_ev);
     if (rc) return rc;
+    if (s->n_free < n_new) return -13;  // (the cache admitted more keys than there are slots: a bug)
     for (int64_t i = 0; i < n_new; i++) s->slot_of[s->c_loaded[i]] = s->free_slots[--s->n_free];
     return n_new ? submit(s, s->c_loaded, n_new) : 0;
+}
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
 // -10 with err_key / err_val when one of layer's ids[n] failed to arrive
@@ -220,7 +237,8 @@ static int check(mf_store *s, int64_t layer, const int64_t *ids, int64_t n) {
     return 0;
 }
 
-// waits until none of layer's ids[n] has a read in flight; 0, -10 (a read failed) or -12
+// waits until none of layer's ids[n] has a read in flight; 0, -10 (a read failed) or -12 (a
+// failed wait: the store is no longer usable)
 int mf_store_wait(mf_store *s, int64_t layer, const int64_t *ids, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
         if (ids[i] < 0) continue;
@@ -239,17 +257,25 @@ int mf_store_wait(mf_store *s, int64_t layer, const int64_t *ids, int64_t n) {
 // layer `layer` of step t runs on experts ids[n] (distinct, valid): makes them resident, their
 // reads started. Writes each one's [gate | up] and down addresses to w13[n], w2[n] and, in sel[n],
 // the positions whose bytes are in followed by those still arriving. Returns how many are still
-// arriving (0 with `wait`, which waits for them); negative: the cache's errors (-1 to -4) or -10
-// to -12 as above.
+// arriving (0 with `wait`, which waits for them); negative: the cache's errors (-1 to -4), -10 to
+// -12 as above, -13 for more keys admitted than free slots (a bug).
 int64_t mf_store_fetch(mf_store *s, int64_t layer, const int64_t *ids, int64_t n, int64_t t, int wait,
                        uint64_t *w13, uint64_t *w2, int64_t *sel) {
+    for (int64_t i = 0; i < n; i++)
+        if (ids[i] < 0) {  // (the cache skips -1 as "unused"; every id fetched needs weights)
+            s->c_res[0] = ids[i];
+            return -1;
+        }
     int rc = s->request(s->cache, layer, ids, n, t);
     if (rc) return rc;
     int64_t m = s->c_res[0], n_new = s->c_res[1], n_ev = s->c_res[2];
     s->count[ACCESSES] += m, s->count[HITS] += m - n_new, s->count[MISSES] += n_new;
     s->count[PREFETCH_HITS] += s->c_res[3], s->count[DEMAND_LOADS] += n_new;
     if (n_ev) s->count[EVICTIONS] += n_ev, s->count[WASTED] += s->c_res[4];
-    if ((rc = admit(s, n_new, n_ev))) return rc;
+    int64_t t0 = n_new ? now_ns() : 0;
+    rc = admit(s, n_new, n_ev);
+    if (n_new) s->count[DEMAND_NS] += now_ns() - t0;
+    if (rc) return rc;
     int64_t got = reap(s, 0);  // whatever landed meanwhile
     if (got < 0) {
         s->err_val = -got;

@@ -33,6 +33,7 @@ from .reader import ALIGN, FileReader
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 # mf_store's counters, in order (store.c), and where each one goes
 _COUNTS = ("accesses", "hits", "misses", "prefetch_hits", "evictions", "wasted_prefetches", "prefetches")
+_DEMAND_LOADS, _BYTES_READ, _DEMAND_NS = 7, 8, 9  # the rest of mf_store.count
 
 
 class _Store(ctypes.Structure):  # mf_store in store.c
@@ -72,10 +73,11 @@ class _Store(ctypes.Structure):  # mf_store in store.c
         ("n_in_use", _I64),
         ("err_key", _I64),
         ("err_val", _I64),
-        ("count", _I64 * 9),
+        ("count", _I64 * 10),
         ("fail_submit", _I64),
         ("fail_read", _I64),
         ("hold", _I64),
+        ("fail_reap", _I64),
     ]
 
 
@@ -113,7 +115,7 @@ class NativeAioExperts(AioDirectExperts):
         self._events = (ctypes.c_uint64 * (4 * depth))()  # struct io_event: 32 bytes
         self._cb_free, self._cb_key, self._cb_hi = (np.zeros(depth, np.int64) for _ in range(3))
         self._cb_free[:] = np.arange(depth)
-        self._in_use = np.zeros(n, np.int64)
+        self._in_use = np.zeros(max(E, 64), np.int64)  # (as many as one fetch's ids: see _ids)
         addr = lambda a: a.ctypes.data  # noqa: E731
         self._st = _Store(
             ctypes.addressof(twin._state),
@@ -151,6 +153,7 @@ class NativeAioExperts(AioDirectExperts):
             0,
         )
         self._ref = ctypes.byref(self._st)
+        self._broken: Exception | None = None  # why the store can no longer serve (see _fail)
         rc = lib.mf_store_open(self._ref)
         if rc < 0:
             raise OSError(-rc, f"io_setup: {os.strerror(-rc)}")
@@ -183,32 +186,38 @@ class NativeAioExperts(AioDirectExperts):
 
     @property
     def bytes_moved(self) -> int:
-        return self.reader.bytes_read + int(self._st.count[8])
+        return self.reader.bytes_read + int(self._st.count[_BYTES_READ])
 
     # ---- the store interface the model uses
 
     def _fetch(self, layer: int, ids, wait: bool, defer: bool = False) -> tuple[list[int], bool]:
-        demand = self._st.count[7]
+        demand = self._st.count[_DEMAND_LOADS]
         self._step(layer, ids, wait)
-        return self.in_use, self._st.count[7] != demand
+        return self.in_use, self._st.count[_DEMAND_LOADS] != demand
 
     def _step(self, layer: int, ids, wait: bool) -> tuple[int, int]:
         """One native fetch of `layer`'s experts ids: (how many, how many still arriving); the
         next layer's prediction is left due (_predict_due)."""
         self._due = None  # (a prediction left over from a step that failed before settling)
+        if self._broken is not None:
+            raise self._broken
         li = self.index[layer]
         n = len(ids)
         if n > len(self._ids):
             raise ValueError(f"{n} experts in one fetch; the store takes at most {len(self._ids)}")
         self._ids[:n] = ids
-        demand = self._st.count[7]
+        count = self._st.count
+        demand, submit_ns = count[_DEMAND_LOADS], count[_DEMAND_NS]
         late = self._lib.mf_store_fetch(
             self._ref, li, self._ids_at, n, self.step, int(wait), self._w13_at, self._w2_at, self._sel_at
         )
         if late < 0:
             self._fail(int(late), li, n, self._ids[:n].tolist())
-        if self._st.count[7] != demand:
-            self.stats.demand_loads += self._st.count[7] - demand
+        if count[_DEMAND_LOADS] != demand:  # submitting demand reads counts as stall, as in the Python step
+            self.stats.demand_loads += count[_DEMAND_LOADS] - demand
+            took = (count[_DEMAND_NS] - submit_ns) * 1e-9
+            self.stats.stall_s += took
+            self.stats.demand_read_s += took
         self._after_fetch(li, layer, ids)
         return n, int(late)
 
@@ -223,8 +232,15 @@ class NativeAioExperts(AioDirectExperts):
     def fetch(self, layer: int, ids) -> list[tuple[torch.Tensor, torch.Tensor]]:
         t0 = time.perf_counter()
         try:
+            st = self.stats
+            stall, read, demand = st.stall_s, st.demand_read_s, self._st.count[_DEMAND_LOADS]
             n, _ = self._step(layer, ids, wait=True)
-            self.stats.stall_s += time.perf_counter() - t0  # (the cache decision is a few µs of it)
+            # the whole call is a wait (the cache decision is a few µs of it); it replaces the
+            # submission time _step counted
+            waited = time.perf_counter() - t0
+            st.stall_s = stall + waited
+            if self._st.count[_DEMAND_LOADS] != demand:
+                st.demand_read_s = read + waited
             self._predict_due()
             return [self._at(i) for i in range(n)]
         finally:
@@ -233,9 +249,9 @@ class NativeAioExperts(AioDirectExperts):
     def fetch_staged(self, layer: int, ids):
         t0 = time.perf_counter()
         try:
-            demand = self._st.count[7]
+            demand = self._st.count[_DEMAND_LOADS]
             n, late = self._step(layer, ids, wait=False)
-            demand = self._st.count[7] != demand
+            demand = self._st.count[_DEMAND_LOADS] != demand
             if not late:
                 self._predict_due()
         finally:
@@ -278,6 +294,8 @@ class NativeAioExperts(AioDirectExperts):
         li = self.index[layer]
         if not len(ids):
             return
+        if self._broken is not None:
+            raise self._broken
         cap = self.cache.capacity
         if cap.scope == "layer":  # a model of one MoE layer prefetches into the layer running
             in_layer = int(np.count_nonzero(self._in_use[: self._st.n_in_use] // self.n_experts == li))
@@ -286,9 +304,8 @@ class NativeAioExperts(AioDirectExperts):
         self._pids[:n] = ids[:n]
         rc = self._lib.mf_store_prefetch(self._ref, li, self._pids.ctypes.data, n)
         if rc < 0:
-            twin = self.cache._native
-            loaded = twin._loaded[: twin._res[1]].tolist() if rc == -11 else []
-            self._fail(rc, li, n, [], drop=loaded)
+            twin = self.cache._native  # the keys the cache admitted: none may stay without its reads
+            self._fail(rc, li, n, [], drop=twin._loaded[: twin._res[1]].tolist())
 
     @property
     def in_use(self) -> list[int]:
@@ -309,9 +326,15 @@ class NativeAioExperts(AioDirectExperts):
         keys = [li * self.n_experts + e for e in ids if e >= 0] if drop is None else drop
         if rc == -10:
             err = self._read_error(int(st.err_key), int(st.err_val))
-        else:
+        elif rc == -11:
             e = int(st.err_val)
-            err = OSError(e, f"{'io_submit' if rc == -11 else 'io_getevents'}: {os.strerror(e)}")
+            err = OSError(e, f"io_submit: {os.strerror(e)}")
+        else:  # waiting for reads failed (-12), or slots went astray (-13): nothing is known to be
+            # safe, since a read may still write into a slot, so the store stops serving
+            e = int(st.err_val)
+            why = f"io_getevents: {os.strerror(e)}" if rc == -12 else "more experts admitted than slots"
+            self._broken = RuntimeError(f"the expert store can no longer read safely ({why})")
+            raise self._broken
         self._invalidate(keys)
         raise err
 
@@ -329,9 +352,10 @@ class NativeAioExperts(AioDirectExperts):
             return
         keys = np.asarray(evicted, dtype=np.int64)
         rc = self._lib.mf_store_release(self._ref, keys.ctypes.data, len(keys))
-        if rc < 0:
-            e = int(self._st.err_val)
-            raise OSError(e, f"io_getevents: {os.strerror(e)}")
+        if rc < 0:  # (-12: see _fail)
+            why = f"io_getevents: {os.strerror(int(self._st.err_val))}"
+            self._broken = RuntimeError(f"the expert store can no longer read safely ({why})")
+            raise self._broken
 
     def report(self) -> dict:
         c, count = self.cache.stats, self._st.count

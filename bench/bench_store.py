@@ -80,12 +80,12 @@ def child(spec: dict) -> dict:
     load_s = time.perf_counter() - t0
     experts = llm.loaded.experts
     routes: list[np.ndarray] = []
-    if spec.get("record"):  # this run's own routing, for the simulator check
+    prompt_routes: list[np.ndarray] = []  # one [P, K] per layer: the prompt warms the cache
+    if spec.get("record") and experts is not None:  # this run's own routing, for the simulator check
         inner = getattr(experts, "on_route", None)
 
         def record(layer, x, ids):
-            if ids.shape[0] == 1:
-                routes.append(ids[0].numpy().astype(np.int16))
+            (routes if ids.shape[0] == 1 else prompt_routes).append(ids.numpy().astype(np.int16))
             if inner is not None:
                 inner(layer, x, ids)
 
@@ -104,7 +104,7 @@ def child(spec: dict) -> dict:
     before = None
     if spec.get("warmup"):  # steady state: the cache already holds what other text routed to
         llm.generate(prompt_token_ids=[spec["warmup"]], sampling_params=sp)
-        before, routes[:] = llm.expert_stats(), []
+        before, routes[:], prompt_routes[:] = llm.expert_stats(), [], []
     t0 = time.perf_counter()
     out = llm.generate(prompt_token_ids=[spec["prompt"]], sampling_params=sp)[0]
     wall = time.perf_counter() - t0
@@ -123,10 +123,13 @@ def child(spec: dict) -> dict:
         "peak_rss": vm("VmHWM"),
         "threads": torch.get_num_threads(),
     }
+    L = len(llm.args.moe_layers)
     if routes:
-        L = len(llm.args.moe_layers)
-        steps = np.stack(routes)  # [steps, K]: prefill excluded, decode layer-steps in run order
+        steps = np.concatenate(routes)  # [steps, K]: decode layer-steps in run order
         res["routes"] = steps[: len(steps) // L * L].reshape(-1, L, steps.shape[1]).tolist()
+    if prompt_routes and len(prompt_routes) % L == 0:  # [P, L, K], over the prefill's chunks
+        chunks = [np.stack(prompt_routes[i : i + L], axis=1) for i in range(0, len(prompt_routes), L)]
+        res["prompt_routes"] = np.concatenate(chunks).tolist()
     return res
 
 
@@ -294,6 +297,7 @@ def case_real(a) -> dict:
         "tokens": a.tokens,
         "trace": str(fit_trace),
         "dtype": a.dtype,
+        "record": True,  # each run's routing, for the simulator check
     }
     # budgets count slots in the compute dtype, which may be wider than the checkpoint's
     slot_bytes = 3 * g["hidden"] * g["expert_intermediate"] * getattr(torch, a.dtype).itemsize
@@ -355,7 +359,7 @@ def case_real(a) -> dict:
         "disk": [disk_before, disk_after],
         "results": results,
         "simulator": simulate_policies(eval_trace, g, [0.10, 0.25, 0.50]),
-    }
+    } | simulator_check(results, g)
 
 
 def child_llama(spec: dict) -> dict:
@@ -398,51 +402,66 @@ def feed(runner, prompt: list[int], tokens: list[int]) -> tuple[float, float]:
     return len(prompt) / (t1 - t0), (len(tokens) - 1) / (t2 - t1)
 
 
-def modelled_vs_measured(results: list[dict], g: dict, read_gbs: float) -> list[dict]:
-    """Replays each budgeted run without prefetching on its own decode routing in the simulator
-    (same capacity and policy) and compares the modelled ms/token with the measured one. Compute
-    per layer-step comes from the all-in-RAM run, the bandwidth from the naive run's reads; the
-    simulated cache starts empty where the measured one was warmed by the prompt."""
+def modelled_vs_measured(results: list[dict], g: dict, rates: dict[str, float]) -> list[dict]:
+    """Replays each budgeted run without prefetching on its own routing in the simulator (same
+    capacity and policy) and compares the modelled decode ms/token with the measured one:
+    - staged (the error of record): the prompt's routing warms the cache first, as it did in the
+      run, and the experts in memory compute while the misses load; the experts' share of a
+      layer's compute is their share of the bytes a decode token reads (decode is memory-bound);
+    - serial: a cold cache and every miss's load before its layer computes (the earlier check).
+    Compute per layer-step comes from the all-in-RAM run; each bandwidth of `rates` gives a column."""
+    ram = next(r for r in results if r["name"] == "all in RAM")
+    compute_ms = 1e3 / ram["decode_tps"] / g["n_moe_layers"]
+    rows = []
+    for r in results:
+        if not r.get("routes") or not r.get("store") or r["store"]["predictor"] is not None:
+            continue  # the look-ahead needs hidden states: no trace-only twin to replay
+        share = expert_share(g, r["dense_bytes"])
+        decode, prompt = r["routes"], r.get("prompt_routes", [])
+        measured = 1e3 / r["decode_tps"]
+        row = {"name": r["name"], "measured_ms_per_token": measured, "expert_share": share}
+        for label, gbs in rates.items():
+            staged = _replay(r, g, prompt + decode, len(prompt), gbs, compute_ms, share)
+            serial = _replay(r, g, decode, 0, gbs, compute_ms, 0.0)
+            row[label] = {
+                "gbs": gbs,
+                "staged_ms_per_token": staged.timing.ms_per_token,
+                "staged_error": staged.timing.ms_per_token / measured - 1,
+                "serial_ms_per_token": serial.timing.ms_per_token,
+                "serial_error": serial.timing.ms_per_token / measured - 1,
+            }
+        row |= {"sim_hit_rate": staged.stats.hit_rate, "measured_hit_rate": r["store"]["hit_rate"]}
+        rows.append(row)  # (the measured hit rate counts the prompt's requests too)
+    return rows
+
+
+def expert_share(g: dict, dense_bytes: int) -> float:
+    """The routed experts' share of the bytes a decode token reads."""
+    routed = g["n_moe_layers"] * g["top_k"] * g["expert_bytes"]
+    return routed / (routed + dense_bytes)
+
+
+def _replay(r: dict, g: dict, routes: list, warm: int, read_gbs: float, compute_ms: float, share: float):
+    """One run's routing [T, L, K] through the simulator; the first `warm` tokens only fill the cache."""
     from moeflow.cache import CacheCapacity
     from moeflow.sim.simulator import SimConfig, simulate
     from moeflow.sim.trace import Trace, TraceMeta
 
-    ram = next(r for r in results if r["name"] == "all in RAM")
-    compute_ms = 1e3 / ram["decode_tps"] / g["n_moe_layers"]
+    experts = np.asarray(routes, dtype=np.int16)
+    T = len(experts)
     meta = TraceMeta(**{k: g[k] for k in TraceMeta.__dataclass_fields__ if k in g})
-    rows = []
-    for r in results:
-        if not r.get("routes") or not r.get("store"):
-            continue
-        experts = np.asarray(r["routes"], dtype=np.int16)
-        T = len(experts)
-        trace = Trace(
-            experts, np.ones(experts.shape, np.float32), np.zeros(T, np.int32), np.zeros(T, np.int32), meta
-        )
-        n = r["store"]["budget_bytes"] // g["expert_bytes"]
-        if r["store"]["predictor"] is not None:
-            continue  # the look-ahead needs hidden states: no trace-only twin to replay
-        cfg = SimConfig(
-            CacheCapacity(total=n),
-            policy=r["store"]["policy"],
-            bandwidth_gbs=read_gbs,
-            compute_ms=compute_ms,
-            fit_fraction=0.0,
-        )
-        sim = simulate(trace, cfg)
-        modelled = sim.timing.ms_per_token
-        measured = 1e3 / r["decode_tps"]
-        rows.append(
-            {
-                "name": r["name"],
-                "modelled_ms_per_token": modelled,
-                "measured_ms_per_token": measured,
-                "error": modelled / measured - 1,
-                "sim_hit_rate": sim.stats.hit_rate,
-                "measured_hit_rate": r["store"]["hit_rate"],
-            }
-        )
-    return rows
+    trace = Trace(
+        experts, np.ones(experts.shape, np.float32), np.zeros(T, np.int32), np.zeros(T, np.int32), meta
+    )
+    cfg = SimConfig(
+        CacheCapacity(total=r["store"]["budget_bytes"] // g["expert_bytes"]),
+        policy=r["store"]["policy"],
+        bandwidth_gbs=read_gbs,
+        compute_ms=compute_ms,
+        expert_share=share,
+        fit_fraction=(warm + 0.5) / T if warm else 0.0,  # (int() of it is exactly `warm`)
+    )
+    return simulate(trace, cfg)
 
 
 def case_scale(a) -> dict:
@@ -482,17 +501,32 @@ def case_scale(a) -> dict:
         print(summarise(results[-1]) + f"  warm {results[-1]['warm_decode_tps']:.2f} tok/s", flush=True)
     disk_after = disk_probe(model)
     check_exact([r for r in results if not r["name"].startswith("llama")])
-    naive = results[0]["store"]
-    read = naive["demand_bytes"] / naive["demand_read_s"] / 1e9
     return {
         "case": "scale",
         "model": str(model),
         "geometry": g,
         "disk": [disk_before, disk_after],
         "results": results,
-        "simulator_check": modelled_vs_measured(results, g, read),
-        "simulator_bandwidth_gbs": read,
-    }
+    } | simulator_check(results, g)
+
+
+def simulator_check(results: list[dict], g: dict) -> dict:
+    """The simulator against the runs at two bandwidths: the naive run's demand-read rate, and the
+    one that makes the staged model reproduce the naive run's time (its reads' latency and the
+    store's work folded in). Nothing without an all-in-RAM and a naive run to calibrate it."""
+    names = {r["name"]: r for r in results}
+    naive, ram = names.get("naive (top-k, no prefetch)"), names.get("all in RAM")
+    if ram is None or naive is None or not naive["store"]["demand_read_s"]:
+        return {}
+    rates = {"demand_rate": naive["store"]["demand_bytes"] / naive["store"]["demand_read_s"] / 1e9}
+    # naive: every layer-step runs its non-expert part, loads its K experts one after another,
+    # computing each as it lands, and computes the last after the last load
+    L, K = g["n_moe_layers"], g["top_k"]
+    compute, share = 1e3 / ram["decode_tps"] / L, expert_share(g, naive["dense_bytes"])
+    load_ms = (1e3 / naive["decode_tps"] / L - compute * (1 - share) - compute * share / K) / K
+    if load_ms > 0:
+        rates["fitted_to_naive"] = g["expert_bytes"] / load_ms / 1e6
+    return {"simulator_check": modelled_vs_measured(results, g, rates), "simulator_bandwidth_gbs": rates}
 
 
 def expert_geometry(model: Path) -> dict:

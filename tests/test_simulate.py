@@ -122,6 +122,36 @@ def test_timing_by_hand():
     assert (plain.total_ms, plain.stall_ms) == pytest.approx((6.0, 3.0))
 
 
+def test_staged_timing_by_hand():
+    # a layer-step: 2 ms before routing, then 4 experts of 1 ms each; a load takes 1.5 ms
+    io = IoModel(bandwidth_gbs=1.0, expert_bytes=1_500_000, compute_ms=6.0, expert_share=4 / 6)
+    used = np.array([4, 4])
+    # step 0: routed at 2; 3 resident compute 2..5 while its miss lands at 3.5, computes 5..6.
+    # Its 2 prefetches for step 1, issued at routing behind the miss, land at 5 and 6.5.
+    # step 1: routed at 8, both landed; 4 experts 8..12. Hidden entirely: no stall.
+    t = replay_time(np.array([1, 0]), np.array([0, 2]), np.array([0, 2]), 1, io, tokens=1, used=used)
+    assert (t.total_ms, t.compute_ms, t.stall_ms) == pytest.approx((12.0, 12.0, 0.0))
+    # 3 misses: land at 3.5, 5, 6.5; the resident expert computes 2..3, then 3.5..4.5, 5..6, 6.5..7.5
+    t = replay_time(np.array([3]), np.zeros(1, int), np.zeros(1, int), 1, io, tokens=1, used=np.array([4]))
+    assert (t.total_ms, t.stall_ms) == pytest.approx((7.5, 1.5))
+    # the serial model charges the same three loads in full: 4.5 ms stalled
+    serial = IoModel(bandwidth_gbs=1.0, expert_bytes=1_500_000, compute_ms=6.0)
+    t = replay_time(np.array([3]), np.zeros(1, int), np.zeros(1, int), 1, serial, tokens=1)
+    assert t.stall_ms == pytest.approx(4.5)
+    with pytest.raises(ConfigError, match="expert share"):
+        IoModel(bandwidth_gbs=1.0, expert_bytes=1, compute_ms=1.0, expert_share=1.0)
+
+
+def test_staged_timing_hides_loads_that_serial_charges(trace):
+    cfg = dict(capacity=CacheCapacity(per_layer=4), policy="lru", bandwidth_gbs=1.0, compute_ms=2.0)
+    serial = simulate(trace, SimConfig(**cfg))
+    staged = simulate(trace, SimConfig(**cfg, expert_share=0.8))
+    assert staged.stats == serial.stats and staged.timing.compute_ms == serial.timing.compute_ms
+    assert 0 < staged.timing.stall_ms < serial.timing.stall_ms
+    with pytest.raises(ConfigError, match="expert share"):
+        SimConfig(**cfg, expert_share=-0.1)
+
+
 def test_simulate_oracle_prefetch_hits_everything(trace):
     r = simulate(trace, SimConfig(CacheCapacity(per_layer=4), "lru", predictor="oracle"))
     assert r.hit_rate == 1.0 and r.stats.misses == 0 and r.stats.prefetch_hits == r.stats.prefetches
@@ -199,6 +229,16 @@ def test_command_global_list(trace_file, capsys):
     assert "hit rate / capacity (in all)" in capsys.readouterr().out
 
 
+def test_command_staged_timing_is_faster(trace_file, tmp_path):
+    stalls = []
+    for share in ("0", "0.7"):
+        js = tmp_path / f"{share}.json"
+        argv = ["--trace", str(trace_file), "--capacity", "4", "--expert-share", share, "--json", str(js)]
+        assert cli(*argv) == 0
+        stalls.append(json.loads(js.read_text())["results"][0]["timing"]["stall_ms"])
+    assert 0 < stalls[1] < stalls[0]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -207,6 +247,7 @@ def test_command_global_list(trace_file, capsys):
         (["--capacity", "four"], "--capacity wants N"),
         ([], "give --capacity"),
         (["--capacity", "4", "--predictor", "magic"], "unknown predictor magic"),
+        (["--capacity", "4", "--expert-share", "1.5"], "expert share of compute must be in"),
     ],
 )
 def test_command_errors(trace_file, argv, message):

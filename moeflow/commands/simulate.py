@@ -38,6 +38,13 @@ def add_parser(sub) -> None:
     p.add_argument("--bandwidth", type=float, default=25.0, help="slow to fast tier, GB/s (default 25)")
     p.add_argument("--expert-bytes", type=int, help="bytes of one expert (default: the trace's)")
     p.add_argument("--compute-ms-per-layer", type=float, default=1.0, help="per token (default 1.0)")
+    p.add_argument(
+        "--expert-share",
+        type=float,
+        default=0.0,
+        help="share of a layer's compute that is its routed experts: those in memory compute while "
+        "the misses load, as moeflow's decode does (default 0: loads precede the layer's compute)",
+    )
     p.add_argument("--fit-fraction", type=float, default=0.5, help="share of tokens to fit on (0.5)")
     p.add_argument("--pin-fraction", type=float, default=0.5, help="pinned: share of capacity (0.5)")
     p.add_argument("--half-life", type=float, default=32.0, help="reuse: half-life in tokens (32)")
@@ -87,6 +94,7 @@ def _config(a: argparse.Namespace, capacity: CacheCapacity, policy: str, predict
         bandwidth_gbs=a.bandwidth,
         expert_bytes=a.expert_bytes,
         compute_ms=a.compute_ms_per_layer,
+        expert_share=a.expert_share,
         fit_fraction=a.fit_fraction,
         pin_fraction=a.pin_fraction,
         half_life=a.half_life,

@@ -30,6 +30,7 @@ class SimConfig:
     bandwidth_gbs: float = 25.0  # about PCIe 4.0 x16, host to GPU
     expert_bytes: int | None = None  # None = the trace's
     compute_ms: float = 1.0  # per MoE layer per token, all experts resident
+    expert_share: float = 0.0  # of compute_ms, the routed experts' (staged timing); 0 = serial
     fit_fraction: float = 0.5
     pin_fraction: float = 0.5  # pinned: share of the capacity held by the hot set
     half_life: float = 32.0  # reuse: tokens after which a use counts half
@@ -41,6 +42,8 @@ class SimConfig:
             raise ConfigError(f"fit fraction must be in [0, 1), got {self.fit_fraction}")
         if not 0 <= self.pin_fraction <= 1:
             raise ConfigError(f"pin fraction must be in [0, 1], got {self.pin_fraction}")
+        if not 0 <= self.expert_share < 1:
+            raise ConfigError(f"expert share of compute must be in [0, 1), got {self.expert_share}")
         if self.prefetch_depth < 1:
             raise ConfigError(f"prefetch depth must be at least 1 layer, got {self.prefetch_depth}")
         if self.prefetch_n is not None and self.prefetch_n < 1:
@@ -97,7 +100,8 @@ class _Steps:
 
     misses: np.ndarray  # [S]
     prefetched: np.ndarray  # [S] transfers issued for the step
-    waits: np.ndarray  # [S] the step used a prefetched expert
+    waits: np.ndarray  # [S] prefetched experts the step used
+    used: np.ndarray  # [S] experts the step used
 
 
 def simulate(trace: Trace, cfg: SimConfig) -> SimResult:
@@ -119,9 +123,12 @@ def simulate(trace: Trace, cfg: SimConfig) -> SimResult:
         score = score_predictions(guesses[split:], experts[split:])
     replay = _replay_by_token if cfg.capacity.scope == "layer" else _replay_by_step
     steps = replay(cache, experts, guesses, split, cfg.prefetch_depth)
-    io = IoModel(cfg.bandwidth_gbs, cfg.expert_bytes or trace.meta.expert_bytes, cfg.compute_ms)
+    expert_bytes = cfg.expert_bytes or trace.meta.expert_bytes
+    io = IoModel(cfg.bandwidth_gbs, expert_bytes, cfg.compute_ms, cfg.expert_share)
     tokens = trace.n_tokens - split
-    timing = replay_time(steps.misses, steps.prefetched, steps.waits, cfg.prefetch_depth, io, tokens)
+    timing = replay_time(
+        steps.misses, steps.prefetched, steps.waits, cfg.prefetch_depth, io, tokens, steps.used
+    )
     return SimResult(
         policy=cfg.policy,
         predictor=cfg.predictor,
@@ -156,7 +163,7 @@ def _replay_by_token(cache: ExpertCache, experts, guesses, split: int, depth: in
     T, L, _ = experts.shape
     layers = np.arange(L)
     misses, prefetched = np.zeros((T - split, L), np.int64), np.zeros((T - split, L), np.int64)
-    waits = np.zeros((T - split, L), bool)
+    waits = np.zeros((T - split, L), np.int64)
     for t in range(T):
         if t == split:
             cache.stats = CacheStats()
@@ -166,9 +173,10 @@ def _replay_by_token(cache: ExpertCache, experts, guesses, split: int, depth: in
             misses[t - split], prefetched[t - split], waits[t - split] = (
                 acc.misses,
                 issued,
-                acc.prefetch_hits > 0,
+                acc.prefetch_hits,
             )
-    return _Steps(misses.ravel(), prefetched.ravel(), waits.ravel())
+    used = (experts[split:] >= 0).sum(2)  # [T - split, L]
+    return _Steps(misses.ravel(), prefetched.ravel(), waits.ravel(), used.ravel())
 
 
 def _replay_by_step(cache: ExpertCache, experts, guesses, split: int, depth: int) -> _Steps:
@@ -176,17 +184,18 @@ def _replay_by_step(cache: ExpertCache, experts, guesses, split: int, depth: int
     the step `depth` earlier runs (its experts are in use and stay)."""
     T, L, _ = experts.shape
     S, first = T * L, split * L
-    misses, prefetched, waits = np.zeros(S, np.int64), np.zeros(S, np.int64), np.zeros(S, bool)
+    misses, prefetched, waits = np.zeros(S, np.int64), np.zeros(S, np.int64), np.zeros(S, np.int64)
     E = cache.n_experts
     for s in range(S):
         t, layer = divmod(s, L)
         ids = experts[t, layer]
         acc = cache.request(layer, ids, t)
-        misses[s], waits[s] = acc.misses[0], acc.prefetch_hits[0] > 0
+        misses[s], waits[s] = acc.misses[0], acc.prefetch_hits[0]
         if guesses is not None and s + depth < S:
             t2, layer2 = divmod(s + depth, L)
             held = layer * E + ids[ids >= 0].astype(np.int64)
             prefetched[s + depth] = cache.prefetch(layer2, guesses[t2, layer2], t2, protect=held).misses[0]
         if s + 1 == first:  # the prefetches already issued for measured steps belong to them
             cache.stats = CacheStats(prefetches=int(prefetched[first : first + depth].sum()))
-    return _Steps(misses[first:], prefetched[first:], waits[first:])
+    used = (experts >= 0).sum(2).ravel()  # [S]
+    return _Steps(misses[first:], prefetched[first:], waits[first:], used[first:])

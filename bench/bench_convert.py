@@ -59,6 +59,7 @@ def main() -> None:
         help="first FFNs kept dense; K is then lowered so the whole model stays within the share",
     )
     ap.add_argument("--workdir", default="bench/.cache/convert")
+    ap.add_argument("--keep", action="store_true", help="keep each converted checkpoint in --workdir")
     ap.add_argument("--out", default="bench/out/convert.json")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
@@ -116,7 +117,8 @@ def main() -> None:
                     row.update(finetune=asdict(s.finetune), finetune_lr=lr)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                shutil.rmtree(out, ignore_errors=True)
+                if not a.keep:
+                    shutil.rmtree(out, ignore_errors=True)
     result = dict(
         dense_perplexity=base.perplexity,
         eval_tokens=base.tokens,

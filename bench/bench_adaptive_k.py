@@ -17,13 +17,8 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from moeflow.corpus import read_text
-from moeflow.eval.windows import run_windows, split
-from moeflow.loader.load import load
-from moeflow.loader.open import open_model
-from moeflow.tokenizer import encode
+from heldout import load_moe, mean_nll
 
 
 class Route:
@@ -55,20 +50,13 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out/adaptive-k.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    lm = load(a.model, progress=False)
-    ids = encode(open_model(a.model, progress=False)[1], read_text("builtin:evaluation"))[: a.tokens]
-    blocks = [layer.mlp for layer in lm.model.model.layers if layer.is_moe]
+    lm, ids, blocks = load_moe(a.model, a.tokens)
     E = blocks[0].m.n_experts
 
     def nll(route: Route) -> float:
         for block in blocks:
             block.route = route
-        total = count = 0
-        for out in run_windows(lm, split(ids, 512), torch.float32, progress=False):
-            target = torch.tensor(out.tokens[1:])
-            total += F.cross_entropy(out.logits[:-1], target, reduction="sum").item()
-            count += len(target)
-        return total / count
+        return mean_nll(lm, ids)
 
     rows = []
     routes = [("fixed k", Route(E, k=k)) for k in a.fixed] + [("top-p", Route(E, top_p=p)) for p in a.top_p]

@@ -19,13 +19,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from moeflow.corpus import read_text
-from moeflow.eval.windows import run_windows, split
-from moeflow.loader.load import load
-from moeflow.loader.open import open_model
-from moeflow.tokenizer import encode
+from heldout import load_moe, mean_nll
 
 
 def main() -> None:
@@ -38,21 +33,14 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out/layer-k.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    lm = load(a.model, progress=False)
-    ids = encode(open_model(a.model, progress=False)[1], read_text("builtin:evaluation"))[: a.tokens]
-    layers = [layer.mlp for layer in lm.model.model.layers if layer.is_moe]
+    lm, ids, layers = load_moe(a.model, a.tokens)
     base_args = layers[0].m
     K, E = base_args.top_k, base_args.n_experts
 
     def nll(ks: list[int]) -> float:
         for block, k in zip(layers, ks):
             block.m = replace(base_args, top_k=k)  # (each block its own args: k per layer)
-        total = count = 0
-        for out in run_windows(lm, split(ids, 512), torch.float32, progress=False):
-            target = torch.tensor(out.tokens[1:])
-            total += F.cross_entropy(out.logits[:-1], target, reduction="sum").item()
-            count += len(target)
-        return total / count
+        return mean_nll(lm, ids)
 
     L = len(layers)
     base = nll([K] * L)

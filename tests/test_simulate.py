@@ -148,6 +148,8 @@ def test_staged_timing_hides_loads_that_serial_charges(trace):
     staged = simulate(trace, SimConfig(**cfg, expert_share=0.8))
     assert staged.stats == serial.stats and staged.timing.compute_ms == serial.timing.compute_ms
     assert 0 < staged.timing.stall_ms < serial.timing.stall_ms
+    ahead = simulate(trace, SimConfig(**cfg, expert_share=0.8, predictor="oracle"))
+    assert 0 <= ahead.timing.stall_ms < staged.timing.stall_ms  # prefetched reads hide further
     with pytest.raises(ConfigError, match="expert share"):
         SimConfig(**cfg, expert_share=-0.1)
 

@@ -115,3 +115,37 @@ def test_model_decode_matches_the_torch_path(checkpoint, monkeypatch):
     monkeypatch.setattr(attention, "native_decode", lambda: None)
     monkeypatch.setattr(norm, "native_decode", lambda: None)
     assert run() == fast
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden, inter", [(576, 192), (64, 36)])
+def test_mlp_decode_token_is_the_expert_kernel_with_one_expert(dtype, hidden, inter):
+    from moeflow.kernels import native_moe_token
+    from moeflow.layers.mlp import MLP
+
+    g = torch.Generator().manual_seed(hidden + inter)
+    mlp = MLP(hidden, inter)
+    for p in mlp.parameters():
+        p.data = (torch.randn(p.shape, generator=g) * 0.05).to(dtype)
+    x = torch.randn(1, hidden, generator=g).to(dtype)
+    with torch.inference_mode():
+        got = mlp(x)  # one native call
+        lin = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))  # the three linears
+        w13 = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        one = native_moe_token(x, torch.ones(1), [(w13, mlp.down_proj.weight)]).to(dtype)
+    assert got.dtype == dtype and torch.equal(got, one)
+    tol = 1e-6 if dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(got, lin, atol=tol, rtol=tol)
+    two = torch.cat([x, x])  # a prefill's rows keep the linears
+    with torch.inference_mode():
+        torch.testing.assert_close(mlp(two)[1:], lin, atol=tol, rtol=tol)
+
+
+def test_mlp_with_bias_keeps_the_linears():
+    from moeflow.layers.mlp import MLP
+
+    mlp = MLP(64, 32, bias=True)
+    x = torch.randn(1, 64)
+    with torch.inference_mode():
+        got = mlp(x)
+        torch.testing.assert_close(got, mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))

@@ -131,6 +131,8 @@ def native():
     lib.mf_linear.restype = None
     lib.mf_moe_token.argtypes = [i64, P, P, ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int]
     lib.mf_moe_token.restype = None
+    lib.mf_mlp_token.argtypes = [*[ptr] * 7, i64, i64, ctypes.c_int]
+    lib.mf_mlp_token.restype = None
     lib.mf_moe_token_part.argtypes = [
         i64,
         i64,
@@ -279,6 +281,35 @@ def experts_usable(x: torch.Tensor, w13: torch.Tensor) -> bool:
         and w13.is_contiguous()
         and native() is not None
     )
+
+
+def mlp_usable(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> bool:
+    """One token through a SwiGLU FFN natively: the expert kernel's conditions, for three
+    weights of one dtype."""
+    return (
+        x.dim() == 2
+        and x.shape[0] == 1
+        and gate.shape[0] % 4 == 0
+        and gate.dtype == up.dtype == down.dtype
+        and up.is_contiguous()
+        and down.is_contiguous()
+        and experts_usable(x, gate)
+    )
+
+
+def native_mlp_token(
+    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    """x [1, H] through down [H, I] (silu(gate [I, H] x) * up [I, H] x) -> fp32 [1, H], in one
+    native call: what native_moe_token computes for one expert of weight 1, bit for bit."""
+    H, I = x.shape[-1], gate.shape[0]
+    x = x.float().contiguous()
+    out = torch.empty(1, H, dtype=torch.float32)
+    hbuf = torch.empty(2 * I, dtype=torch.float32)
+    act = torch.empty(I, dtype=torch.float32)
+    ptrs = [t.data_ptr() for t in (gate, up, down, x, out, hbuf, act)]
+    native().mf_mlp_token(*ptrs, H, I, _DTYPES[gate.dtype])
+    return out
 
 
 class ExpertPtrs:

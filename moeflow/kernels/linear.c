@@ -306,6 +306,30 @@ void mf_moe_token(int64_t n, const void **w13, const void **w2, const float *sca
     free(xp);
 }
 
+/* A dense SwiGLU FFN or shared expert for one token: out[H] = W2 (silu(G x) * U x), the gate
+ * and up projections separate [I, H] matrices. The same arithmetic as mf_moe_token with one
+ * expert of weight 1 (hbuf holds the gate rows, then the up rows), without a fused copy of G and
+ * U. hbuf holds 2I floats, act I. */
+void mf_mlp_token(const void *gate, const void *up, const void *w2, const float *x_in, float *out, float *hbuf,
+                  float *act, int64_t H, int64_t I, int dt) {
+    int64_t H16 = H / 16 * 16, I16 = I / 16 * 16;
+    float *xp = dt == BF16 ? permute_for_bf16(x_in, 1, H, H16) : NULL;
+    const float *x = xp ? xp : x_in;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < 2 * I; r += 4) {
+            if (r < I) tile_4x1(gate, r, x, hbuf, H, H16, dt);
+            else tile_4x1(up, r - I, x, hbuf + I, H, H16, dt);
+        }
+        swiglu_rows(hbuf, act, 1, I, dt);
+        int64_t lo, hi;
+        band(H, &lo, &hi);
+        for (int64_t j = lo; j < hi; j += 4) dot4(w2, j, act, out + j, I, I16, dt);
+    }
+    free(xp);
+}
+
 /* mf_moe_token in two calls, for a layer whose experts are not all in memory yet: the first
  * computes the m experts listed in sel (those that are) into y [n, H] while the others are read;
  * the last (scale not NULL) computes the rest and sums all n. Each expert's output and the sum

@@ -49,10 +49,19 @@ class ForwardContext:
         if self.counts is None or not self._picks:
             return
         B, n_layers, E = self.counts.shape
+        rows = self.batch.row_of_token
+        whole = [(layer, ids) for layer, ids, tokens in self._picks if tokens is None]
+        rest = [p for p in self._picks if p[2] is not None]
         keys = []
-        for layer, ids, tokens in self._picks:
-            rows = self.batch.row_of_token if tokens is None else self.batch.row_of_token[tokens]
-            keys.append(((rows[:, None] * n_layers + layer) * E + ids).reshape(-1))
+        if whole and len({ids.shape for _, ids in whole}) == 1:  # every token at one k: one stack
+            layers = torch.tensor([layer for layer, _ in whole], device=rows.device)
+            ids = torch.stack([ids for _, ids in whole])  # [P, T, k]
+            keys.append(((rows[None, :, None] * n_layers + layers[:, None, None]) * E + ids).reshape(-1))
+        else:
+            rest += [(layer, ids, None) for layer, ids in whole]
+        for layer, ids, tokens in rest:
+            sel = rows if tokens is None else rows[tokens]
+            keys.append(((sel[:, None] * n_layers + layer) * E + ids).reshape(-1))
         self._picks.clear()
         self.counts += torch.bincount(torch.cat(keys), minlength=B * n_layers * E).view(B, n_layers, E)
 

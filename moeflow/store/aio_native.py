@@ -329,12 +329,12 @@ class NativeAioExperts(AioDirectExperts):
         elif rc == -11:
             e = int(st.err_val)
             err = OSError(e, f"io_submit: {os.strerror(e)}")
-        else:  # waiting for reads failed (-12), or slots went astray (-13): nothing is known to be
-            # safe, since a read may still write into a slot, so the store stops serving
-            e = int(st.err_val)
-            why = f"io_getevents: {os.strerror(e)}" if rc == -12 else "more experts admitted than slots"
-            self._broken = RuntimeError(f"the expert store can no longer read safely ({why})")
-            raise self._broken
+        else:  # waiting for reads failed (-12), or slots went astray (-13)
+            self._stop(
+                f"io_getevents: {os.strerror(int(st.err_val))}"
+                if rc == -12
+                else "more experts admitted than slots"
+            )
         self._invalidate(keys)
         raise err
 
@@ -353,9 +353,13 @@ class NativeAioExperts(AioDirectExperts):
         keys = np.asarray(evicted, dtype=np.int64)
         rc = self._lib.mf_store_release(self._ref, keys.ctypes.data, len(keys))
         if rc < 0:  # (-12: see _fail)
-            why = f"io_getevents: {os.strerror(int(self._st.err_val))}"
-            self._broken = RuntimeError(f"the expert store can no longer read safely ({why})")
-            raise self._broken
+            self._stop(f"io_getevents: {os.strerror(int(self._st.err_val))}")
+
+    def _stop(self, why: str) -> None:
+        """Nothing is known to be safe any more, since a read may still write into a slot: the
+        store stops serving, and every later call raises the same error."""
+        self._broken = RuntimeError(f"the expert store can no longer read safely ({why})")
+        raise self._broken
 
     def report(self) -> dict:
         c, count = self.cache.stats, self._st.count

@@ -283,13 +283,25 @@ def experts_usable(x: torch.Tensor, w13: torch.Tensor) -> bool:
     )
 
 
+def _token_buffers(x: torch.Tensor, n: int, I: int) -> tuple[torch.Tensor, ...]:
+    """One token's input as the kernels read it, and the fp32 scratch n SwiGLU blocks of width I
+    need: (x [1, H], out [1, H], gate/up rows [n * 2I], activations [n * I])."""
+    f32 = torch.float32
+    H = x.shape[-1]
+    return (
+        x.float().contiguous(),
+        torch.empty(1, H, dtype=f32),
+        torch.empty(n * 2 * I, dtype=f32),
+        torch.empty(n * I, dtype=f32),
+    )
+
+
 def mlp_usable(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> bool:
     """One token through a SwiGLU FFN natively: the expert kernel's conditions, for three
     weights of one dtype."""
     return (
         x.dim() == 2
         and x.shape[0] == 1
-        and gate.shape[0] % 4 == 0
         and gate.dtype == up.dtype == down.dtype
         and up.is_contiguous()
         and down.is_contiguous()
@@ -303,10 +315,7 @@ def native_mlp_token(
     """x [1, H] through down [H, I] (silu(gate [I, H] x) * up [I, H] x) -> fp32 [1, H], in one
     native call: what native_moe_token computes for one expert of weight 1, bit for bit."""
     H, I = x.shape[-1], gate.shape[0]
-    x = x.float().contiguous()
-    out = torch.empty(1, H, dtype=torch.float32)
-    hbuf = torch.empty(2 * I, dtype=torch.float32)
-    act = torch.empty(I, dtype=torch.float32)
+    x, out, hbuf, act = _token_buffers(x, 1, I)
     ptrs = [t.data_ptr() for t in (gate, up, down, x, out, hbuf, act)]
     native().mf_mlp_token(*ptrs, H, I, _DTYPES[gate.dtype])
     return out
@@ -354,11 +363,8 @@ def native_moe_token(
     n, H, I = len(experts), x.shape[-1], experts[0][1].shape[1]
     w13 = (ctypes.c_void_p * n)(*[a.data_ptr() for a, _ in experts])
     w2 = (ctypes.c_void_p * n)(*[b.data_ptr() for _, b in experts])
-    x = x.float().contiguous()
+    x, out, hbuf, act = _token_buffers(x, n, I)
     scale = scale.float().contiguous()
-    out = torch.empty(1, H, dtype=torch.float32)
-    hbuf = torch.empty(n * 2 * I, dtype=torch.float32)
-    act = torch.empty(n * I, dtype=torch.float32)
     dt = _DTYPES[experts[0][0].dtype]
     if not late:
         ptrs = [t.data_ptr() for t in (scale, x, out, hbuf, act)]
@@ -379,11 +385,8 @@ def native_moe_token(
 
 def _moe_token_ptrs(x: torch.Tensor, scale: torch.Tensor, e: ExpertPtrs, settle) -> torch.Tensor:
     lib, n, H, I = native(), e.n, x.shape[-1], e.inter
-    x = x.float().contiguous()
+    x, out, hbuf, act = _token_buffers(x, n, I)
     scale = scale.float().contiguous()
-    out = torch.empty(1, H, dtype=torch.float32)
-    hbuf = torch.empty(n * 2 * I, dtype=torch.float32)
-    act = torch.empty(n * I, dtype=torch.float32)
     if not e.n_late:
         lib.mf_moe_token(n, e.w13, e.w2, *[t.data_ptr() for t in (scale, x, out, hbuf, act)], H, I, e.dt)
         return out

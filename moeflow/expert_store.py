@@ -50,6 +50,11 @@ class ResidentExperts:
         w13[expert, I:].copy_(up)
         w2[expert].copy_(down)
 
+    def layer_buffer(self, layer: int) -> torch.Tensor:
+        """[E, 3 * inter * hidden]: every expert of a layer, one row each, [gate | up] rows then
+        down, for a kernel that computes a whole layer from one address."""
+        return self.buffers[layer]
+
     def fetch(self, layer: int, experts: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         pairs = self._pairs.get(layer)
         if pairs is None:

@@ -149,3 +149,44 @@ def test_mlp_with_bias_keeps_the_linears():
     with torch.inference_mode():
         got = mlp(x)
         torch.testing.assert_close(got, mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v3", "mixtral"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_moe_layer_in_one_call_decodes_as_the_separate_calls(checkpoint, monkeypatch, name, dtype):
+    """A decode token's MoE layer in one native call (routed experts from the resident buffer,
+    the shared expert, gated or not) gives every MoE block's output of the separate calls
+    exactly, and so the same tokens."""
+    from moeflow.layers.moe import MoEBlock
+    from moeflow.llm import LLM, SamplingParams
+
+    path, _ = checkpoint(name)
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 9, 13, 2, 7]]  # one sequence: its decode steps are single tokens
+    forward, one_call = MoEBlock.forward, MoEBlock._one_call
+    calls, outputs = [], []
+
+    def counted(self, *args):
+        out = one_call(self, *args)
+        calls.append(out is not None)
+        return out
+
+    def kept(self, x, ctx, layer):
+        out = forward(self, x, ctx, layer)
+        outputs.append(out.clone())
+        return out
+
+    def run():
+        outputs.clear()
+        llm = LLM(path, dtype=dtype, progress=False)
+        tokens = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=sp)]
+        return tokens, list(outputs)
+
+    monkeypatch.setattr(MoEBlock, "forward", kept)
+    monkeypatch.setattr(MoEBlock, "_one_call", counted)
+    fused_tokens, fused = run()
+    assert any(calls)
+    monkeypatch.setattr(MoEBlock, "_one_call", lambda *a: None)
+    tokens, separate = run()
+    assert tokens == fused_tokens
+    assert len(separate) == len(fused) and all(torch.equal(a, b) for a, b in zip(separate, fused))

@@ -4,7 +4,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeflow.kernels import TopLogits, experts_usable, native, native_linear, native_moe_token
+from moeflow.kernels import (
+    TopLogits,
+    experts_usable,
+    layer_usable,
+    native,
+    native_linear,
+    native_mlp_token,
+    native_moe_layer_token,
+    native_moe_token,
+)
 from moeflow.layers.experts import run_experts
 
 pytestmark = pytest.mark.skipif(native() is None, reason="no native kernel on this machine")
@@ -79,6 +88,47 @@ def test_moe_token_with_late_experts_is_bit_identical(dtype, late):
     got = native_moe_token(x, scale, experts, late, settle)
     assert settled == [True]
     assert torch.equal(got, native_moe_token(x, scale, real))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shared_width", [0, 48, 100])
+@pytest.mark.parametrize("apart", [False, True])
+def test_moe_layer_token_is_the_separate_calls_bit_for_bit(dtype, shared_width, apart):
+    """A whole layer in one call (experts read from one buffer by id, the shared expert after)
+    gives the routed sum of native_moe_token and the shared output of native_mlp_token exactly,
+    summed as torch sums them or handed back apart."""
+    g = torch.Generator().manual_seed(shared_width + 7 * apart)
+    E, H, I, k = 7, 96, 40, 3
+    layer = (torch.randn(E, 3 * I * H, generator=g) / 8).to(dtype)
+    w13, w2 = layer[:, : 2 * I * H].view(E, 2 * I, H), layer[:, 2 * I * H :].view(E, H, I)
+    shared = None
+    if shared_width:
+        shared = tuple(
+            (torch.randn(*shape, generator=g) / 8).to(dtype)
+            for shape in ((shared_width, H), (shared_width, H), (H, shared_width))
+        )
+    x = torch.randn(1, H, generator=g)
+    ids, scale = torch.tensor([5, 0, 6]), torch.rand(k, generator=g)
+    assert layer_usable(x, layer, I, shared)
+    out, apart_out = native_moe_layer_token(x, scale, ids, layer, I, shared, apart)
+    routed = native_moe_token(x, scale, [(w13[e], w2[e]) for e in ids.tolist()])
+    if shared is None:
+        assert apart_out is None and torch.equal(out, routed)
+    elif apart:
+        assert torch.equal(out, routed) and torch.equal(apart_out, native_mlp_token(x, *shared))
+    else:
+        assert apart_out is None and torch.equal(out, routed + native_mlp_token(x, *shared))
+
+
+def test_moe_layer_token_refuses_what_it_cannot_read():
+    H, I = 96, 40
+    layer = torch.zeros(4, 3 * I * H)
+    x = torch.zeros(1, H)
+    assert not layer_usable(torch.zeros(2, H), layer, I, None)  # a prefill's rows
+    assert not layer_usable(x, layer.double(), I, None)
+    shared = (torch.zeros(48, H, dtype=torch.bfloat16), torch.zeros(48, H), torch.zeros(H, 48))
+    assert not layer_usable(x, layer, I, shared)  # a shared expert in another dtype
+    assert not layer_usable(x, layer, I, tuple(torch.zeros(*s) for s in ((50, H), (50, H), (H, 50))))
 
 
 def test_grouped_experts_equal_token_by_token():

@@ -133,6 +133,9 @@ def native():
     lib.mf_moe_token.restype = None
     lib.mf_mlp_token.argtypes = [*[ptr] * 7, i64, i64, ctypes.c_int]
     lib.mf_mlp_token.restype = None
+    shared = [ptr, ptr, ptr, i64]
+    lib.mf_moe_layer_token.argtypes = [i64, ptr, ptr, ptr, i64, *shared, *[ptr] * 5, i64, i64, ctypes.c_int]
+    lib.mf_moe_layer_token.restype = None
     lib.mf_moe_token_part.argtypes = [
         i64,
         i64,
@@ -319,6 +322,72 @@ def native_mlp_token(
     ptrs = [t.data_ptr() for t in (gate, up, down, x, out, hbuf, act)]
     native().mf_mlp_token(*ptrs, H, I, _DTYPES[gate.dtype])
     return out
+
+
+def layer_usable(
+    x: torch.Tensor, layer: torch.Tensor, inter: int, shared: tuple[torch.Tensor, ...] | None
+) -> bool:
+    """native_moe_layer_token's conditions: one CPU token, the experts' buffer and the shared
+    expert's weights contiguous in one supported dtype, widths in multiples of four."""
+    return (
+        x.dim() == 2
+        and x.shape[0] == 1
+        and x.device.type == layer.device.type == "cpu"
+        and layer.dtype in _DTYPES
+        and layer.is_contiguous()
+        and x.shape[-1] % 4 == 0
+        and (2 * inter) % 4 == 0
+        and (shared is None or _same_layout(layer, shared))
+        and native() is not None
+    )
+
+
+def _same_layout(layer: torch.Tensor, shared: tuple[torch.Tensor, ...]) -> bool:
+    return all(t.dtype == layer.dtype and t.is_contiguous() for t in shared) and shared[0].shape[0] % 4 == 0
+
+
+def native_moe_layer_token(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    ids: torch.Tensor,
+    layer: torch.Tensor,
+    inter: int,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    apart: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One token x [1, H] through a whole MoE layer in one native call: the experts ids [k]
+    (int64, each in range) weighted by scale [k], read from layer [E, 3 * inter * H] (each row one
+    expert, [gate | up] then down, as ResidentExperts holds them), and the shared expert
+    (gate, up, down) if any. Returns fp32 (out [1, H], None) with the shared output added as
+    `routed + shared`, or, with apart, (routed, shared) for a caller that rounds or gates it.
+    Bit for bit native_moe_token's routed sum and native_mlp_token's shared output."""
+    H, k = x.shape[-1], ids.shape[-1]
+    Is = 0 if shared is None else shared[0].shape[0]
+    x, out, hbuf, act = _token_buffers(x, 1, k * inter + Is)
+    split = torch.empty(1, H, dtype=torch.float32) if apart and shared is not None else None
+    scale = scale.float().contiguous()
+    ids = ids.contiguous()
+    sg, su, sd = (None, None, None) if shared is None else (t.data_ptr() for t in shared)
+    native().mf_moe_layer_token(
+        k,
+        ids.data_ptr(),
+        scale.data_ptr(),
+        layer.data_ptr(),
+        layer.shape[1],
+        sg,
+        su,
+        sd,
+        Is,
+        x.data_ptr(),
+        out.data_ptr(),
+        None if split is None else split.data_ptr(),
+        hbuf.data_ptr(),
+        act.data_ptr(),
+        H,
+        inter,
+        _DTYPES[layer.dtype],
+    )
+    return out, split
 
 
 class ExpertPtrs:

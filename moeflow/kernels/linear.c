@@ -330,6 +330,62 @@ void mf_mlp_token(const void *gate, const void *up, const void *w2, const float 
     free(xp);
 }
 
+/* A whole MoE layer for one token whose experts all sit in one buffer (a resident store's layer:
+ * expert e at base + e*stride elements, [gate | up] rows then the down projection): the k routed
+ * experts ids[0..k) weighted by scale, and the shared expert (gate, up [Is, H], down [H, Is]; sg
+ * NULL for none), in one parallel region instead of a call each. The routed sum is mf_moe_token's
+ * and the shared expert's output mf_mlp_token's, bit for bit; the shared output goes to
+ * shared_out when given (its caller rounds or gates it), else it is added to out after the
+ * routed sum, as `routed + shared` in fp32. hbuf holds k*2I + 2Is floats, act k*I + Is. */
+void mf_moe_layer_token(int64_t k, const int64_t *ids, const float *scale, const void *base, int64_t stride,
+                        const void *sg, const void *su, const void *sd, int64_t Is, const float *x_in, float *out,
+                        float *shared_out, float *hbuf, float *act, int64_t H, int64_t I, int dt) {
+    int64_t H16 = H / 16 * 16, I16 = I / 16 * 16, Is16 = Is / 16 * 16, I2 = 2 * I, es = dt == F32 ? 4 : 2;
+    int64_t routed_rows = k * I2, rows = routed_rows + (sg ? 2 * Is : 0);
+    float *xp = dt == BF16 ? permute_for_bf16(x_in, 1, H, H16) : NULL;
+    const float *x = xp ? xp : x_in;
+    const char *b = (const char *)base;
+    float *hs = hbuf + routed_rows, *as = act + k * I;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r += 4) {
+            if (r < routed_rows) {
+                int64_t s = r / I2;
+                tile_4x1(b + ids[s] * stride * es, r - s * I2, x, hbuf + s * I2, H, H16, dt);
+            } else if (r - routed_rows < Is) {
+                tile_4x1(sg, r - routed_rows, x, hs, H, H16, dt);
+            } else {
+                tile_4x1(su, r - routed_rows - Is, x, hs + Is, H, H16, dt);
+            }
+        }
+        swiglu_rows(hbuf, act, k, I, dt);
+        if (sg) swiglu_rows(hs, as, 1, Is, dt);
+        int64_t lo, hi;
+        band(H, &lo, &hi);
+        for (int64_t j = lo; j < hi; j++) out[j] = 0.f;
+        for (int64_t e = 0; e < k; e++) {
+            const void *w2 = b + (ids[e] * stride + I2 * H) * es;
+            float y[4];
+            for (int64_t j = lo; j < hi; j += 4) {
+                dot4(w2, j, act + e * I, y, I, I16, dt);
+                for (int r = 0; r < 4; r++) out[j + r] = fmaf(scale[e], y[r], out[j + r]);
+            }
+        }
+        if (sg) {
+            float y[4];
+            for (int64_t j = lo; j < hi; j += 4) {
+                dot4(sd, j, as, y, Is, Is16, dt);
+                for (int r = 0; r < 4; r++) {
+                    if (shared_out) shared_out[j + r] = y[r];
+                    else out[j + r] = out[j + r] + y[r];
+                }
+            }
+        }
+    }
+    free(xp);
+}
+
 /* mf_moe_token in two calls, for a layer whose experts are not all in memory yet: the first
  * computes the m experts listed in sel (those that are) into y [n, H] while the others are read;
  * the last (scale not NULL) computes the rest and sums all n. Each expert's output and the sum

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import layer_usable, native_moe_layer_token
 from ..models.args import MoEArgs
 from .experts import run_experts
 from .linear import Linear
@@ -63,6 +64,10 @@ class MoEBlock(nn.Module):
             ctx.keep_route(layer, weights, ids)
         else:
             weights, ids = self._route_per_token(logits, ks, ctx, layer)
+        if ks is None:
+            one = self._one_call(x, weights, ids, ctx.experts, layer)
+            if one is not None:
+                return one
         on_route = getattr(ctx.experts, "on_route", None)
         if on_route is not None:  # a tiered store starts the next layer's reads now
             on_route(layer, x, ids)
@@ -76,3 +81,29 @@ class MoEBlock(nn.Module):
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
         return out
+
+    def _one_call(self, x: torch.Tensor, weights, ids, store, layer: int) -> torch.Tensor | None:
+        """A decode token whose experts are all resident: routed and shared experts in one native
+        call (~2 ms a token less than a call each plus the fetch, on SmolLM2-MoE), with the same
+        result. None where that does not apply."""
+        buffer = getattr(store, "layer_buffer", None)
+        if buffer is None or x.shape[0] != 1:
+            return None
+        shared = None
+        if self.m.shared_intermediate:
+            s = self.shared_expert
+            if s.gate_proj.bias is not None:
+                return None
+            shared = (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight)
+        experts = buffer(layer)
+        if not layer_usable(x, experts, store.inter, shared):
+            return None
+        apart = bool(self.m.shared_gate) or x.dtype != torch.float32
+        out, sh = native_moe_layer_token(x, weights[0], ids[0], experts, store.inter, shared, apart)
+        if sh is None:
+            return out.to(x.dtype)
+        # as the separate calls round: each part to the compute dtype, then the (gated) sum
+        sh = sh.to(x.dtype)
+        if self.m.shared_gate:
+            sh = torch.sigmoid(self.shared_expert_gate(x)) * sh
+        return out.to(x.dtype) + sh

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from test_decode_kernels import assert_one_call_decodes_as_separate_calls
 
 from moeflow.convert.dense import read_dense
 from moeflow.convert.dense_to_moe import convert
@@ -116,6 +117,18 @@ def test_fewer_experts_match_a_direct_computation(dense, tmp_path, distill):
         got = lm.model.model.layers[layer].mlp(x, ctx, layer)
         want = direct_moe(load_file(str(out / "model.safetensors")), layer, x, 3, 7)
         assert (got - want).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("first_dense", [0, 1])
+def test_converted_layer_routes_inside_its_one_call(dense, tmp_path, monkeypatch, dtype, first_dense):
+    """A converted model's decode token routes inside the layer's native call (plain top-k of
+    the router logits, 7 routed experts: a router width that is not a multiple of four) and
+    gives the separate calls' outputs exactly, first layer dense or not."""
+    model, _ = dense
+    out = converted(model, tmp_path, experts=8, top_k=3, shared=1, dense_layers=first_dense)
+    calls = assert_one_call_decodes_as_separate_calls(out, dtype, monkeypatch)
+    assert (True, True) in calls  # taken, and routed natively
 
 
 def test_fewer_experts_change_the_output_and_runtime_top_k_restores_it(dense, tmp_path):

@@ -151,24 +151,21 @@ def test_mlp_with_bias_keeps_the_linears():
         torch.testing.assert_close(got, mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))
 
 
-@pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v3", "mixtral"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_moe_layer_in_one_call_decodes_as_the_separate_calls(checkpoint, monkeypatch, name, dtype):
-    """A decode token's MoE layer in one native call (routed experts from the resident buffer,
-    the shared expert, gated or not) gives every MoE block's output of the separate calls
-    exactly, and so the same tokens."""
+def assert_one_call_decodes_as_separate_calls(path, dtype: str, monkeypatch) -> list[tuple[bool, bool]]:
+    """Greedy decode of one sequence with MoE layers in one native call (MoEBlock._one_call)
+    and with a call each: every MoE block's output equal bit for bit, and the one-call path
+    taken. Returns its calls: (taken, routed inside the call)."""
     from moeflow.layers.moe import MoEBlock
     from moeflow.llm import LLM, SamplingParams
 
-    path, _ = checkpoint(name)
     sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     prompts = [[5, 9, 13, 2, 7]]  # one sequence: its decode steps are single tokens
     forward, one_call = MoEBlock.forward, MoEBlock._one_call
     calls, outputs = [], []
 
-    def counted(self, *args):
-        out = one_call(self, *args)
-        calls.append(out is not None)
+    def counted(self, x, weights, *args):
+        out = one_call(self, x, weights, *args)
+        calls.append((out is not None, weights is None))  # (taken, routed inside the call)
         return out
 
     def kept(self, x, ctx, layer):
@@ -185,8 +182,16 @@ def test_moe_layer_in_one_call_decodes_as_the_separate_calls(checkpoint, monkeyp
     monkeypatch.setattr(MoEBlock, "forward", kept)
     monkeypatch.setattr(MoEBlock, "_one_call", counted)
     fused_tokens, fused = run()
-    assert any(calls)
+    assert any(taken for taken, _ in calls)
     monkeypatch.setattr(MoEBlock, "_one_call", lambda *a: None)
     tokens, separate = run()
     assert tokens == fused_tokens
     assert len(separate) == len(fused) and all(torch.equal(a, b) for a, b in zip(separate, fused))
+    return calls
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v3", "mixtral"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_moe_layer_in_one_call_decodes_as_the_separate_calls(checkpoint, monkeypatch, name, dtype):
+    """Routed experts from the resident buffer and the shared expert, gated or not."""
+    assert_one_call_decodes_as_separate_calls(checkpoint(name)[0], dtype, monkeypatch)

@@ -134,7 +134,20 @@ def native():
     lib.mf_mlp_token.argtypes = [*[ptr] * 7, i64, i64, ctypes.c_int]
     lib.mf_mlp_token.restype = None
     shared = [ptr, ptr, ptr, i64]
-    lib.mf_moe_layer_token.argtypes = [i64, ptr, ptr, ptr, i64, *shared, *[ptr] * 5, i64, i64, ctypes.c_int]
+    routing = [ptr, i64, ptr]
+    lib.mf_moe_layer_token.argtypes = [
+        i64,
+        ptr,
+        ptr,
+        ptr,
+        i64,
+        *shared,
+        *[ptr] * 5,
+        i64,
+        i64,
+        ctypes.c_int,
+        *routing,
+    ]
     lib.mf_moe_layer_token.restype = None
     lib.mf_moe_token_part.argtypes = [
         i64,
@@ -354,19 +367,27 @@ def native_moe_layer_token(
     inter: int,
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     apart: bool = False,
+    router: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One token x [1, H] through a whole MoE layer in one native call: the experts ids [k]
     (int64, each in range) weighted by scale [k], read from layer [E, 3 * inter * H] (each row one
     expert, [gate | up] then down, as ResidentExperts holds them), and the shared expert
     (gate, up, down) if any. Returns fp32 (out [1, H], None) with the shared output added as
     `routed + shared`, or, with apart, (routed, shared) for a caller that rounds or gates it.
-    Bit for bit native_moe_token's routed sum and native_mlp_token's shared output."""
+    Bit for bit native_moe_token's routed sum and native_mlp_token's shared output.
+    router (fp32 [E', H], contiguous): the call routes as well, writing the top k of router x
+    (as native_linear computes it, bit for bit) into ids, a contiguous int64 [k], best first."""
     H, k = x.shape[-1], ids.shape[-1]
     Is = 0 if shared is None else shared[0].shape[0]
     x, out, hbuf, act = _token_buffers(x, 1, k * inter + Is)
     split = torch.empty(1, H, dtype=torch.float32) if apart and shared is not None else None
     scale = scale.float().contiguous()
-    ids = ids.contiguous()
+    if router is None:
+        ids = ids.contiguous()
+        routing = (None, 0, None)
+    else:
+        logits = torch.empty(router.shape[0], dtype=torch.float32)
+        routing = (router.data_ptr(), router.shape[0], logits.data_ptr())
     sg, su, sd = (None, None, None) if shared is None else (t.data_ptr() for t in shared)
     native().mf_moe_layer_token(
         k,
@@ -386,6 +407,7 @@ def native_moe_layer_token(
         H,
         inter,
         _DTYPES[layer.dtype],
+        *routing,
     )
     return out, split
 

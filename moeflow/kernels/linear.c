@@ -330,24 +330,51 @@ void mf_mlp_token(const void *gate, const void *up, const void *w2, const float 
     free(xp);
 }
 
+/* The k largest of logits[0..E) into ids, best first; ties go to the lower index, NaNs are
+ * skipped (and, all NaN, any id will do: the output is garbage either way) */
+static void top_ids(const float *logits, int64_t E, int64_t k, int64_t *ids) {
+    for (int64_t j = 0; j < k; j++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; e++) {
+            int taken = 0;
+            for (int64_t t = 0; t < j; t++) taken |= ids[t] == e;
+            if (!taken && logits[e] == logits[e] && (best < 0 || logits[e] > logits[best])) best = e;
+        }
+        if (best < 0) best = j;
+        ids[j] = best;
+    }
+}
+
 /* A whole MoE layer for one token whose experts all sit in one buffer (a resident store's layer:
  * expert e at base + e*stride elements, [gate | up] rows then the down projection): the k routed
  * experts ids[0..k) weighted by scale, and the shared expert (gate, up [Is, H], down [H, Is]; sg
  * NULL for none), in one parallel region instead of a call each. The routed sum is mf_moe_token's
  * and the shared expert's output mf_mlp_token's, bit for bit; the shared output goes to
  * shared_out when given (its caller rounds or gates it), else it is added to out after the
- * routed sum, as `routed + shared` in fp32. hbuf holds k*2I + 2Is floats, act k*I + Is. */
-void mf_moe_layer_token(int64_t k, const int64_t *ids, const float *scale, const void *base, int64_t stride,
+ * routed sum, as `routed + shared` in fp32. hbuf holds k*2I + 2Is floats, act k*I + Is.
+ * With router (fp32 [E, H]; else NULL) the layer routes too: logits[0..E) = router x as mf_linear
+ * computes them for one token, bit for bit, and ids gets their top k, best first. */
+void mf_moe_layer_token(int64_t k, int64_t *ids, const float *scale, const void *base, int64_t stride,
                         const void *sg, const void *su, const void *sd, int64_t Is, const float *x_in, float *out,
-                        float *shared_out, float *hbuf, float *act, int64_t H, int64_t I, int dt) {
+                        float *shared_out, float *hbuf, float *act, int64_t H, int64_t I, int dt,
+                        const float *router, int64_t E, float *logits) {
     int64_t H16 = H / 16 * 16, I16 = I / 16 * 16, Is16 = Is / 16 * 16, I2 = 2 * I, es = dt == F32 ? 4 : 2;
-    int64_t routed_rows = k * I2, rows = routed_rows + (sg ? 2 * Is : 0);
+    int64_t routed_rows = k * I2, rows = routed_rows + (sg ? 2 * Is : 0), E4 = E / 4 * 4;
     float *xp = dt == BF16 ? permute_for_bf16(x_in, 1, H, H16) : NULL;
     const float *x = xp ? xp : x_in;
     const char *b = (const char *)base;
     float *hs = hbuf + routed_rows, *as = act + k * I;
 #pragma omp parallel
     {
+        if (router) {
+#pragma omp for schedule(static)
+            for (int64_t n = 0; n < E4; n += 4) tile_4x1(router, n, x_in, logits, H, H16, F32);
+#pragma omp single
+            {
+                for (int64_t n = E4; n < E; n++) row_generic(router, n, x_in, logits, 1, E, H, H16, F32);
+                top_ids(logits, E, k, ids);
+            }
+        }
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r += 4) {
             if (r < routed_rows) {

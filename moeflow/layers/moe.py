@@ -6,11 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import layer_usable, native_moe_layer_token
+from ..kernels import layer_usable, native_linear, native_moe_layer_token, usable
 from ..models.args import MoEArgs
 from .experts import run_experts
 from .linear import Linear
 from .mlp import MLP
+from .routing import topk_sum
 
 
 class Router(nn.Module):
@@ -21,13 +22,21 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # router logits in fp32 whatever the compute dtype: expert choice is sensitive to rounding
-        return F.linear(x.float(), self.weight.float())  # [T, E]
+        x, w = x.float(), self.weight.float()
+        if x.dim() == 2 and x.shape[0] == 1 and usable(x, w, 1):
+            # a decode token: the native dot, the one MoEBlock's one-call path routes with, so
+            # that every store picks the same experts bit for bit
+            return native_linear(x, w)
+        return F.linear(x, w)  # [T, E]
 
 
 class MoEBlock(nn.Module):
     def __init__(self, m: MoEArgs, hidden: int, route: Callable):
         super().__init__()
         self.m, self.route = m, route
+        # converted dense models route by plain top-k of the logits (weight 1): a decode token's
+        # routing can then run inside the layer's one native call
+        self.routes_natively = getattr(route, "func", route) is topk_sum and not m.score_bias
         self.gate = Router(m.n_experts, hidden, m.score_bias)
         if m.shared_intermediate:
             self.shared_expert = MLP(hidden, m.shared_intermediate)
@@ -56,6 +65,10 @@ class MoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx, layer: int) -> torch.Tensor:
         ctx.keep_input(layer, x)
+        if self.routes_natively and ctx.row_top_k is None:
+            one = self._one_call(x, None, None, ctx.experts, layer, ctx)
+            if one is not None:
+                return one
         logits = self.gate(x)
         ks = ctx.token_top_k()
         if ks is None:
@@ -82,10 +95,11 @@ class MoEBlock(nn.Module):
             out = out + shared
         return out
 
-    def _one_call(self, x: torch.Tensor, weights, ids, store, layer: int) -> torch.Tensor | None:
+    def _one_call(self, x: torch.Tensor, weights, ids, store, layer: int, ctx=None) -> torch.Tensor | None:
         """A decode token whose experts are all resident: routed and shared experts in one native
         call (~2 ms a token less than a call each plus the fetch, on SmolLM2-MoE), with the same
-        result. None where that does not apply."""
+        result. Without weights and ids (plain top-k routing) the call routes too, and the
+        routing is recorded in ctx. None where that does not apply."""
         buffer = getattr(store, "layer_buffer", None)
         if buffer is None or x.shape[0] != 1:
             return None
@@ -98,8 +112,19 @@ class MoEBlock(nn.Module):
         experts = buffer(layer)
         if not layer_usable(x, experts, store.inter, shared):
             return None
+        router = None
+        if ids is None:
+            router = self.gate.weight
+            if router.dtype != torch.float32 or not router.is_contiguous():
+                return None
+            k = self.m.top_k
+            weights = torch.ones(1, k)
+            ids = torch.empty(1, k, dtype=torch.int64)
         apart = bool(self.m.shared_gate) or x.dtype != torch.float32
-        out, sh = native_moe_layer_token(x, weights[0], ids[0], experts, store.inter, shared, apart)
+        out, sh = native_moe_layer_token(x, weights[0], ids[0], experts, store.inter, shared, apart, router)
+        if router is not None:
+            ctx.record(layer, ids)
+            ctx.keep_route(layer, weights, ids)
         if sh is None:
             return out.to(x.dtype)
         # as the separate calls round: each part to the compute dtype, then the (gated) sum

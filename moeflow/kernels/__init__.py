@@ -359,6 +359,73 @@ def _same_layout(layer: torch.Tensor, shared: tuple[torch.Tensor, ...]) -> bool:
     return all(t.dtype == layer.dtype and t.is_contiguous() for t in shared) and shared[0].shape[0] % 4 == 0
 
 
+class LayerCall:
+    """One token x [1, H] through a whole MoE layer in one native call (mf_moe_layer_token), with
+    the layer's addresses taken once: the experts in layer [E, 3 * inter * H] (each row one
+    expert, [gate | up] then down, as ResidentExperts holds them), the shared expert (gate, up,
+    down) if any, and optionally the router (fp32 [E', H], contiguous). Its scratch is reused,
+    so one instance serves one caller at a time (a model's decode steps are sequential).
+
+    Calling it with ids [k] (int64, each in range) and scale [k] gives fp32 (out [1, H], None)
+    with the shared output added as `routed + shared`, or, with apart, (routed, shared) for a
+    caller that rounds or gates it: bit for bit native_moe_token's routed sum and
+    native_mlp_token's shared output. With a router the call routes first, writing the top k of
+    router x (as native_linear computes it, bit for bit) into ids, best first."""
+
+    def __init__(
+        self,
+        layer: torch.Tensor,
+        inter: int,
+        shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        router: torch.Tensor | None = None,
+    ):
+        self.keep = (layer, shared, router)  # the addresses below stay valid while these live
+        self.inter, self.stride, self.dt = inter, layer.shape[1], _DTYPES[layer.dtype]
+        self.base = layer.data_ptr()
+        self.Is = 0 if shared is None else shared[0].shape[0]
+        self.shared = (None, None, None) if shared is None else tuple(t.data_ptr() for t in shared)
+        self.logits = None if router is None else torch.empty(router.shape[0], dtype=torch.float32)
+        self.routing = (None, 0, None)
+        if router is not None:
+            self.routing = (router.data_ptr(), router.shape[0], self.logits.data_ptr())
+        self._scratch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(
+        self, x: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor, apart: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        H, k = x.shape[-1], ids.shape[-1]
+        width = k * self.inter + self.Is
+        scratch = self._scratch.get(k)
+        if scratch is None:
+            f32 = torch.float32
+            scratch = self._scratch[k] = (torch.empty(2 * width, dtype=f32), torch.empty(width, dtype=f32))
+        x = x.float().contiguous()
+        out = torch.empty(1, H, dtype=torch.float32)
+        split = torch.empty(1, H, dtype=torch.float32) if apart and self.Is else None
+        scale = scale.float().contiguous()
+        if self.logits is None:
+            ids = ids.contiguous()
+        native().mf_moe_layer_token(
+            k,
+            ids.data_ptr(),
+            scale.data_ptr(),
+            self.base,
+            self.stride,
+            *self.shared,
+            self.Is,
+            x.data_ptr(),
+            out.data_ptr(),
+            None if split is None else split.data_ptr(),
+            scratch[0].data_ptr(),
+            scratch[1].data_ptr(),
+            H,
+            self.inter,
+            self.dt,
+            *self.routing,
+        )
+        return out, split
+
+
 def native_moe_layer_token(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -369,47 +436,9 @@ def native_moe_layer_token(
     apart: bool = False,
     router: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One token x [1, H] through a whole MoE layer in one native call: the experts ids [k]
-    (int64, each in range) weighted by scale [k], read from layer [E, 3 * inter * H] (each row one
-    expert, [gate | up] then down, as ResidentExperts holds them), and the shared expert
-    (gate, up, down) if any. Returns fp32 (out [1, H], None) with the shared output added as
-    `routed + shared`, or, with apart, (routed, shared) for a caller that rounds or gates it.
-    Bit for bit native_moe_token's routed sum and native_mlp_token's shared output.
-    router (fp32 [E', H], contiguous): the call routes as well, writing the top k of router x
-    (as native_linear computes it, bit for bit) into ids, a contiguous int64 [k], best first."""
-    H, k = x.shape[-1], ids.shape[-1]
-    Is = 0 if shared is None else shared[0].shape[0]
-    x, out, hbuf, act = _token_buffers(x, 1, k * inter + Is)
-    split = torch.empty(1, H, dtype=torch.float32) if apart and shared is not None else None
-    scale = scale.float().contiguous()
-    if router is None:
-        ids = ids.contiguous()
-        routing = (None, 0, None)
-    else:
-        logits = torch.empty(router.shape[0], dtype=torch.float32)
-        routing = (router.data_ptr(), router.shape[0], logits.data_ptr())
-    sg, su, sd = (None, None, None) if shared is None else (t.data_ptr() for t in shared)
-    native().mf_moe_layer_token(
-        k,
-        ids.data_ptr(),
-        scale.data_ptr(),
-        layer.data_ptr(),
-        layer.shape[1],
-        sg,
-        su,
-        sd,
-        Is,
-        x.data_ptr(),
-        out.data_ptr(),
-        None if split is None else split.data_ptr(),
-        hbuf.data_ptr(),
-        act.data_ptr(),
-        H,
-        inter,
-        _DTYPES[layer.dtype],
-        *routing,
-    )
-    return out, split
+    """LayerCall for a single call (see there); with a router, ids must be a contiguous int64 [k]
+    the call writes."""
+    return LayerCall(layer, inter, shared, router)(x, scale, ids, apart)
 
 
 class ExpertPtrs:

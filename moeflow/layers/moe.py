@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import layer_usable, native_linear, native_moe_layer_token, usable
+from ..kernels import LayerCall, layer_usable, native_linear, usable
 from ..models.args import MoEArgs
 from .experts import run_experts
 from .linear import Linear
@@ -37,6 +37,7 @@ class MoEBlock(nn.Module):
         # converted dense models route by plain top-k of the logits (weight 1): a decode token's
         # routing can then run inside the layer's one native call
         self.routes_natively = getattr(route, "func", route) is topk_sum and not m.score_bias
+        self._calls: dict = {}  # (store id, routes natively) -> (store, its LayerCall or None)
         self.gate = Router(m.n_experts, hidden, m.score_bias)
         if m.shared_intermediate:
             self.shared_expert = MLP(hidden, m.shared_intermediate)
@@ -100,29 +101,18 @@ class MoEBlock(nn.Module):
         call (~2 ms a token less than a call each plus the fetch, on SmolLM2-MoE), with the same
         result. Without weights and ids (plain top-k routing) the call routes too, and the
         routing is recorded in ctx. None where that does not apply."""
-        buffer = getattr(store, "layer_buffer", None)
-        if buffer is None or x.shape[0] != 1:
+        if x.dim() != 2 or x.shape[0] != 1 or x.device.type != "cpu":
             return None
-        shared = None
-        if self.m.shared_intermediate:
-            s = self.shared_expert
-            if s.gate_proj.bias is not None:
-                return None
-            shared = (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight)
-        experts = buffer(layer)
-        if not layer_usable(x, experts, store.inter, shared):
+        call = self._layer_call(store, layer, x, native_routing=ids is None)
+        if call is None:
             return None
-        router = None
         if ids is None:
-            router = self.gate.weight
-            if router.dtype != torch.float32 or not router.is_contiguous():
-                return None
             k = self.m.top_k
             weights = torch.ones(1, k)
             ids = torch.empty(1, k, dtype=torch.int64)
         apart = bool(self.m.shared_gate) or x.dtype != torch.float32
-        out, sh = native_moe_layer_token(x, weights[0], ids[0], experts, store.inter, shared, apart, router)
-        if router is not None:
+        out, sh = call(x, weights[0], ids[0], apart)
+        if call.logits is not None:
             ctx.record(layer, ids)
             ctx.keep_route(layer, weights, ids)
         if sh is None:
@@ -132,3 +122,27 @@ class MoEBlock(nn.Module):
         if self.m.shared_gate:
             sh = torch.sigmoid(self.shared_expert_gate(x)) * sh
         return out.to(x.dtype) + sh
+
+    def _layer_call(self, store, layer: int, x: torch.Tensor, native_routing: bool) -> LayerCall | None:
+        """The layer's prepared native call for this store (made on first use: a decode pays
+        ~20 us a layer for the checks and addresses otherwise), or None where it does not
+        apply."""
+        key = (id(store), native_routing)
+        cached = self._calls.get(key)
+        if cached is not None and cached[0] is store:
+            return cached[1]
+        call = None
+        buffer = getattr(store, "layer_buffer", None)
+        shared = None
+        if self.m.shared_intermediate:
+            s = self.shared_expert
+            shared = (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight)
+            if s.gate_proj.bias is not None:
+                buffer = None
+        router = self.gate.weight if native_routing else None
+        if router is not None and (router.dtype != torch.float32 or not router.is_contiguous()):
+            buffer = None
+        if buffer is not None and layer_usable(x, buffer(layer), store.inter, shared):
+            call = LayerCall(buffer(layer), store.inter, shared, router)
+        self._calls[key] = (store, call)
+        return call

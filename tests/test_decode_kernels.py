@@ -195,3 +195,26 @@ def assert_one_call_decodes_as_separate_calls(path, dtype: str, monkeypatch) -> 
 def test_moe_layer_in_one_call_decodes_as_the_separate_calls(checkpoint, monkeypatch, name, dtype):
     """Routed experts from the resident buffer and the shared expert, gated or not."""
     assert_one_call_decodes_as_separate_calls(checkpoint(name)[0], dtype, monkeypatch)
+
+
+def test_one_call_follows_weights_that_moved(checkpoint):
+    """The layer's prepared call is made again when a weight it reads is replaced (here the
+    shared expert's, by assigning .data): the output follows the new weights."""
+    from moeflow.layers.moe import MoEBlock
+    from moeflow.llm import LLM
+
+    llm = LLM(checkpoint("deepseek_v3")[0], dtype="float32", progress=False)
+    lm = llm.loaded
+    block = next(layer.mlp for layer in lm.model.model.layers if isinstance(layer.mlp, MoEBlock))
+    layer = next(i for i, layer in enumerate(lm.model.model.layers) if layer.mlp is block)
+    x = torch.randn(1, lm.args.hidden, generator=torch.Generator().manual_seed(0))
+    weights, ids = torch.ones(1, block.m.top_k), torch.arange(block.m.top_k)[None]
+    with torch.inference_mode():
+        before = block._one_call(x, weights, ids, lm.experts, layer)
+        down = block.shared_expert.down_proj.weight
+        down.data = down.data * 2
+        after = block._one_call(x, weights, ids, lm.experts, layer)
+        block._calls.clear()
+        fresh = block._one_call(x, weights, ids, lm.experts, layer)
+    assert before is not None and not torch.equal(before, after)
+    assert torch.equal(after, fresh)

@@ -120,6 +120,35 @@ def test_moe_layer_token_is_the_separate_calls_bit_for_bit(dtype, shared_width, 
         assert apart_out is None and torch.equal(out, routed + native_mlp_token(x, *shared))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E", [1, 2, 5, 7, 13])
+@pytest.mark.parametrize("H", [40, 96, 264])
+@pytest.mark.parametrize("router_case", ["random", "ties", "nan"])
+def test_moe_layer_token_routes_as_the_router_and_topk_sum(dtype, E, H, router_case):
+    """Routing inside the call picks what Router.forward (native_linear for one token) and
+    topk_sum pick, in the same order, ties and NaN logits included, and computes those experts
+    as native_moe_token does."""
+    from moeflow.layers.routing import topk_sum
+
+    g = torch.Generator().manual_seed(E * 1000 + H)
+    I, k = 8, min(3, E)
+    layer = (torch.randn(E, 3 * I * H, generator=g) / 8).to(dtype)
+    router = torch.randn(E, H, generator=g)
+    if router_case == "ties":
+        router[:] = 0  # every logit exactly equal
+    elif router_case == "nan":
+        router[E // 2, 0] = float("nan")
+    x = torch.randn(1, H, generator=g)
+    ids = torch.empty(k, dtype=torch.int64)
+    out, _ = native_moe_layer_token(x, torch.ones(k), ids, layer, I, None, router=router)
+    want = topk_sum(native_linear(x, router), k)[1][0]
+    assert ids.tolist() == want.tolist()
+    if router_case == "ties":
+        assert ids.tolist() == list(range(k))
+    w13, w2 = layer[:, : 2 * I * H].view(E, 2 * I, H), layer[:, 2 * I * H :].view(E, H, I)
+    assert torch.equal(out, native_moe_token(x, torch.ones(k), [(w13[e], w2[e]) for e in ids.tolist()]))
+
+
 def test_moe_layer_token_refuses_what_it_cannot_read():
     H, I = 96, 40
     layer = torch.zeros(4, 3 * I * H)

@@ -379,7 +379,9 @@ class LayerCall:
         shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
         router: torch.Tensor | None = None,
     ):
-        self.keep = (layer, shared, router)  # the addresses below stay valid while these live
+        # the addresses below stay valid while these live (detached: a parameter whose .data is
+        # replaced keeps the memory this call reads)
+        self.keep = [t.detach() for t in (layer, *(shared or ()), *(() if router is None else (router,)))]
         self.inter, self.stride, self.dt = inter, layer.shape[1], _DTYPES[layer.dtype]
         self.base = layer.data_ptr()
         self.Is = 0 if shared is None else shared[0].shape[0]

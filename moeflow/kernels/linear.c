@@ -330,17 +330,23 @@ void mf_mlp_token(const void *gate, const void *up, const void *w2, const float 
     free(xp);
 }
 
-/* The k largest of logits[0..E) into ids, best first; ties go to the lower index, NaNs are
- * skipped (and, all NaN, any id will do: the output is garbage either way) */
+/* The k largest of logits[0..E) into ids, best first, ordered as a stable descending sort
+ * orders them (routing.topk_sum): NaN above every number, ties to the lower index */
 static void top_ids(const float *logits, int64_t E, int64_t k, int64_t *ids) {
     for (int64_t j = 0; j < k; j++) {
         int64_t best = -1;
         for (int64_t e = 0; e < E; e++) {
             int taken = 0;
             for (int64_t t = 0; t < j; t++) taken |= ids[t] == e;
-            if (!taken && logits[e] == logits[e] && (best < 0 || logits[e] > logits[best])) best = e;
+            if (taken) continue;
+            float a = logits[e];
+            if (best < 0) {
+                best = e;
+                continue;
+            }
+            float b = logits[best];
+            if (isnan(a) ? !isnan(b) : a > b) best = e;
         }
-        if (best < 0) best = j;
         ids[j] = best;
     }
 }

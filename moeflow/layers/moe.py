@@ -1,5 +1,6 @@
 """Sparse MoE block: router -> routing function -> grouped experts (+ shared experts)."""
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -37,7 +38,8 @@ class MoEBlock(nn.Module):
         # converted dense models route by plain top-k of the logits (weight 1): a decode token's
         # routing can then run inside the layer's one native call
         self.routes_natively = getattr(route, "func", route) is topk_sum and not m.score_bias
-        self._calls: dict = {}  # (store id, routes natively) -> (store, its LayerCall or None)
+        # routes natively -> (the store, the weights' addresses, their LayerCall or None)
+        self._calls: dict = {}
         self.gate = Router(m.n_experts, hidden, m.score_bias)
         if m.shared_intermediate:
             self.shared_expert = MLP(hidden, m.shared_intermediate)
@@ -126,23 +128,27 @@ class MoEBlock(nn.Module):
     def _layer_call(self, store, layer: int, x: torch.Tensor, native_routing: bool) -> LayerCall | None:
         """The layer's prepared native call for this store (made on first use: a decode pays
         ~20 us a layer for the checks and addresses otherwise), or None where it does not
-        apply."""
-        key = (id(store), native_routing)
-        cached = self._calls.get(key)
-        if cached is not None and cached[0] is store:
-            return cached[1]
-        call = None
+        apply. Made again if the store or any weight it reads has moved."""
         buffer = getattr(store, "layer_buffer", None)
+        if buffer is None:
+            return None
         shared = None
         if self.m.shared_intermediate:
             s = self.shared_expert
-            shared = (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight)
             if s.gate_proj.bias is not None:
-                buffer = None
+                return None
+            shared = (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight)
         router = self.gate.weight if native_routing else None
-        if router is not None and (router.dtype != torch.float32 or not router.is_contiguous()):
-            buffer = None
-        if buffer is not None and layer_usable(x, buffer(layer), store.inter, shared):
-            call = LayerCall(buffer(layer), store.inter, shared, router)
-        self._calls[key] = (store, call)
+        experts = buffer(layer)
+        where = tuple(
+            t.data_ptr() for t in (experts, *(shared or ()), *(() if router is None else (router,)))
+        )
+        cached = self._calls.get(native_routing)
+        if cached is not None and cached[0]() is store and cached[1] == where:
+            return cached[2]
+        call = None
+        routable = router is None or (router.dtype == torch.float32 and router.is_contiguous())
+        if routable and layer_usable(x, experts, store.inter, shared):
+            call = LayerCall(experts, store.inter, shared, router)
+        self._calls[native_routing] = (weakref.ref(store), where, call)
         return call

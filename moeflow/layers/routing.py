@@ -60,8 +60,10 @@ def sigmoid_group_topk(
 
 def topk_sum(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Converted dense models: the top-k experts by router logit, each with weight 1, so the
-    layer output is the plain sum of the chosen slices of the original FFN."""
-    ids = torch.topk(logits.float(), top_k, dim=-1).indices
+    layer output is the plain sum of the chosen slices of the original FFN. A stable sort, not
+    topk, so that ties (and NaNs, ranked first) order as the native one-call decode orders them
+    (kernels/linear.c top_ids): the lower index first."""
+    ids = torch.sort(logits.float(), dim=-1, descending=True, stable=True).indices[..., :top_k]
     return torch.ones(ids.shape, dtype=torch.float32, device=ids.device), ids
 
 

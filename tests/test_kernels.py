@@ -5,13 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from moeflow.kernels import (
+    LayerCall,
     TopLogits,
     experts_usable,
     layer_usable,
     native,
     native_linear,
     native_mlp_token,
-    native_moe_layer_token,
     native_moe_token,
 )
 from moeflow.layers.experts import run_experts
@@ -110,7 +110,7 @@ def test_moe_layer_token_is_the_separate_calls_bit_for_bit(dtype, shared_width, 
     x = torch.randn(1, H, generator=g)
     ids, scale = torch.tensor([5, 0, 6]), torch.rand(k, generator=g)
     assert layer_usable(x, layer, I, shared)
-    out, apart_out = native_moe_layer_token(x, scale, ids, layer, I, shared, apart)
+    out, apart_out = LayerCall(layer, I, shared)(x, scale, ids, apart)
     routed = native_moe_token(x, scale, [(w13[e], w2[e]) for e in ids.tolist()])
     if shared is None:
         assert apart_out is None and torch.equal(out, routed)
@@ -140,7 +140,7 @@ def test_moe_layer_token_routes_as_the_router_and_topk_sum(dtype, E, H, router_c
         router[E // 2, 0] = float("nan")
     x = torch.randn(1, H, generator=g)
     ids = torch.empty(k, dtype=torch.int64)
-    out, _ = native_moe_layer_token(x, torch.ones(k), ids, layer, I, None, router=router)
+    out, _ = LayerCall(layer, I, None, router)(x, torch.ones(k), ids)
     want = topk_sum(native_linear(x, router), k)[1][0]
     assert ids.tolist() == want.tolist()
     if router_case == "ties":

@@ -340,7 +340,7 @@ def native_mlp_token(
 def layer_usable(
     x: torch.Tensor, layer: torch.Tensor, inter: int, shared: tuple[torch.Tensor, ...] | None
 ) -> bool:
-    """native_moe_layer_token's conditions: one CPU token, the experts' buffer and the shared
+    """LayerCall's conditions: one CPU token, the experts' buffer and the shared
     expert's weights contiguous in one supported dtype, widths in multiples of four."""
     return (
         x.dim() == 2
@@ -426,21 +426,6 @@ class LayerCall:
             *self.routing,
         )
         return out, split
-
-
-def native_moe_layer_token(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    ids: torch.Tensor,
-    layer: torch.Tensor,
-    inter: int,
-    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-    apart: bool = False,
-    router: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """LayerCall for a single call (see there); with a router, ids must be a contiguous int64 [k]
-    the call writes."""
-    return LayerCall(layer, inter, shared, router)(x, scale, ids, apart)
 
 
 class ExpertPtrs:

@@ -280,13 +280,42 @@ static void weighted_sum(int64_t n, const float *restrict scale, const float *re
         for (int64_t j = lo; j < hi; j++) out[j] = fmaf(scale[e], y[e * H + j], out[j]);
 }
 
+/* out[j] = sum_e scale[e] * (W2_e act_e)[j] over this thread's band [lo, hi), expert by expert in
+ * order: each expert's dot products, then one fused multiply-add each (what weighted_sum adds up
+ * when the experts' outputs are kept apart) */
+static void weighted_down(int64_t n, const void **w2, const float *scale, const float *act, float *out,
+                          int64_t lo, int64_t hi, int64_t I, int dt) {
+    int64_t I16 = I / 16 * 16;
+    for (int64_t j = lo; j < hi; j++) out[j] = 0.f;
+    for (int64_t e = 0; e < n; e++) {
+        float y[4];
+        for (int64_t j = lo; j < hi; j += 4) {
+            dot4(w2[e], j, act + e * I, y, I, I16, dt);
+            for (int r = 0; r < 4; r++) out[j + r] = fmaf(scale[e], y[r], out[j + r]);
+        }
+    }
+}
+
+/* One SwiGLU block's activations silu(G x) * U x into act [I], the gate and up projections
+ * separate [I, H] matrices (hbuf: the gate rows, then the up rows, 2I floats); inside a parallel
+ * region, whose team shares the rows. Requires I and H multiples of 4. */
+static void mlp_act(const void *gate, const void *up, const float *x, float *hbuf, float *act, int64_t H,
+                    int64_t I, int dt) {
+    int64_t H16 = H / 16 * 16;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < 2 * I; r += 4) {
+        if (r < I) tile_4x1(gate, r, x, hbuf, H, H16, dt);
+        else tile_4x1(up, r - I, x, hbuf + I, H, H16, dt);
+    }
+    swiglu_rows(hbuf, act, 1, I, dt);
+}
+
 /* One token through n experts: out[H] = sum_e scale[e] * W2_e (silu(G_e x) * U_e x). One
  * parallel region for the whole layer: gate/up rows of every expert, then the activations,
  * then each thread sums the down projections of all experts over its own band of output rows
  * (no reduction across threads). hbuf holds n*2I floats, act n*I. */
 void mf_moe_token(int64_t n, const void **w13, const void **w2, const float *scale, const float *x_in,
                   float *out, float *hbuf, float *act, int64_t H, int64_t I, int dt) {
-    int64_t I16 = I / 16 * 16;
     float *xp = dt == BF16 ? permute_for_bf16(x_in, 1, H, H / 16 * 16) : NULL;
     const float *x = xp ? xp : x_in;
 #pragma omp parallel
@@ -294,14 +323,7 @@ void mf_moe_token(int64_t n, const void **w13, const void **w2, const float *sca
         gate_up(n, NULL, w13, x, hbuf, act, H, I, dt);
         int64_t lo, hi;
         band(H, &lo, &hi);
-        for (int64_t j = lo; j < hi; j++) out[j] = 0.f;
-        for (int64_t e = 0; e < n; e++) {
-            float y[4];
-            for (int64_t j = lo; j < hi; j += 4) {
-                dot4(w2[e], j, act + e * I, y, I, I16, dt);
-                for (int r = 0; r < 4; r++) out[j + r] = fmaf(scale[e], y[r], out[j + r]);
-            }
-        }
+        weighted_down(n, w2, scale, act, out, lo, hi, I, dt);
     }
     free(xp);
 }
@@ -312,22 +334,28 @@ void mf_moe_token(int64_t n, const void **w13, const void **w2, const float *sca
  * U. hbuf holds 2I floats, act I. */
 void mf_mlp_token(const void *gate, const void *up, const void *w2, const float *x_in, float *out, float *hbuf,
                   float *act, int64_t H, int64_t I, int dt) {
-    int64_t H16 = H / 16 * 16, I16 = I / 16 * 16;
-    float *xp = dt == BF16 ? permute_for_bf16(x_in, 1, H, H16) : NULL;
+    int64_t I16 = I / 16 * 16;
+    float *xp = dt == BF16 ? permute_for_bf16(x_in, 1, H, H / 16 * 16) : NULL;
     const float *x = xp ? xp : x_in;
 #pragma omp parallel
     {
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < 2 * I; r += 4) {
-            if (r < I) tile_4x1(gate, r, x, hbuf, H, H16, dt);
-            else tile_4x1(up, r - I, x, hbuf + I, H, H16, dt);
-        }
-        swiglu_rows(hbuf, act, 1, I, dt);
+        mlp_act(gate, up, x, hbuf, act, H, I, dt);
         int64_t lo, hi;
         band(H, &lo, &hi);
         for (int64_t j = lo; j < hi; j += 4) dot4(w2, j, act, out + j, I, I16, dt);
     }
     free(xp);
+}
+
+/* The [gate | up] and down addresses of experts ids[0..k) in a layer buffer whose expert e starts
+ * at base + e*stride elements, its down projection `down_at` elements further */
+static void expert_addresses(int64_t k, const int64_t *ids, const void *base, int64_t stride, int64_t down_at,
+                             int dt, const void **w13, const void **w2) {
+    int64_t es = dt == F32 ? 4 : 2;
+    for (int64_t s = 0; s < k; s++) {
+        w13[s] = (const char *)base + ids[s] * stride * es;
+        w2[s] = (const char *)base + (ids[s] * stride + down_at) * es;
+    }
 }
 
 /* The k largest of logits[0..E) into ids, best first, ordered as a stable descending sort
@@ -364,12 +392,12 @@ void mf_moe_layer_token(int64_t k, int64_t *ids, const float *scale, const void 
                         const void *sg, const void *su, const void *sd, int64_t Is, const float *x_in, float *out,
                         float *shared_out, float *hbuf, float *act, int64_t H, int64_t I, int dt,
                         const float *router, int64_t E, float *logits) {
-    int64_t H16 = H / 16 * 16, I16 = I / 16 * 16, Is16 = Is / 16 * 16, I2 = 2 * I, es = dt == F32 ? 4 : 2;
-    int64_t routed_rows = k * I2, rows = routed_rows + (sg ? 2 * Is : 0), E4 = E / 4 * 4;
+    int64_t H16 = H / 16 * 16, Is16 = Is / 16 * 16, E4 = E / 4 * 4;
     float *xp = dt == BF16 ? permute_for_bf16(x_in, 1, H, H16) : NULL;
     const float *x = xp ? xp : x_in;
-    const char *b = (const char *)base;
-    float *hs = hbuf + routed_rows, *as = act + k * I;
+    const void *w13[k], *w2[k];
+    if (!router) expert_addresses(k, ids, base, stride, 2 * I * H, dt, w13, w2);
+    float *hs = hbuf + k * 2 * I, *as = act + k * I;
 #pragma omp parallel
     {
         if (router) {
@@ -379,32 +407,14 @@ void mf_moe_layer_token(int64_t k, int64_t *ids, const float *scale, const void 
             {
                 for (int64_t n = E4; n < E; n++) row_generic(router, n, x_in, logits, 1, E, H, H16, F32);
                 top_ids(logits, E, k, ids);
+                expert_addresses(k, ids, base, stride, 2 * I * H, dt, w13, w2);
             }
         }
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r += 4) {
-            if (r < routed_rows) {
-                int64_t s = r / I2;
-                tile_4x1(b + ids[s] * stride * es, r - s * I2, x, hbuf + s * I2, H, H16, dt);
-            } else if (r - routed_rows < Is) {
-                tile_4x1(sg, r - routed_rows, x, hs, H, H16, dt);
-            } else {
-                tile_4x1(su, r - routed_rows - Is, x, hs + Is, H, H16, dt);
-            }
-        }
-        swiglu_rows(hbuf, act, k, I, dt);
-        if (sg) swiglu_rows(hs, as, 1, Is, dt);
+        gate_up(k, NULL, w13, x, hbuf, act, H, I, dt);
+        if (sg) mlp_act(sg, su, x, hs, as, H, Is, dt);
         int64_t lo, hi;
         band(H, &lo, &hi);
-        for (int64_t j = lo; j < hi; j++) out[j] = 0.f;
-        for (int64_t e = 0; e < k; e++) {
-            const void *w2 = b + (ids[e] * stride + I2 * H) * es;
-            float y[4];
-            for (int64_t j = lo; j < hi; j += 4) {
-                dot4(w2, j, act + e * I, y, I, I16, dt);
-                for (int r = 0; r < 4; r++) out[j + r] = fmaf(scale[e], y[r], out[j + r]);
-            }
-        }
+        weighted_down(k, w2, scale, act, out, lo, hi, I, dt);
         if (sg) {
             float y[4];
             for (int64_t j = lo; j < hi; j += 4) {

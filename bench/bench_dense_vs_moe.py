@@ -19,6 +19,7 @@ import torch
 
 from moeflow import LLM, SamplingParams
 from moeflow.default_model import default_model_path, smollm2_gguf
+from moeflow.errors import MoeflowError
 
 
 def main() -> None:
@@ -34,7 +35,10 @@ def main() -> None:
     paths = {"dense": str(smollm2_gguf())}
     for m in a.models or [str(default_model_path())]:
         paths[Path(m).name] = m
-    llms = {name: LLM(p, dtype=a.dtype, progress=False) for name, p in paths.items()}
+    try:
+        llms = {name: LLM(p, dtype=a.dtype, progress=False) for name, p in paths.items()}
+    except MoeflowError as e:  # a wrong path, a broken checkpoint: one line, not a traceback
+        raise SystemExit(f"bench_dense_vs_moe: {e}") from None
     sp = SamplingParams(max_tokens=a.tokens, temperature=0.0, seed=0, ignore_eos=True)
     prompt = "The history of the city begins"
     names = list(llms)

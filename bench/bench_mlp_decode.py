@@ -23,6 +23,7 @@ import torch
 import moeflow.layers.mlp as mlp
 from moeflow import LLM, SamplingParams
 from moeflow.default_model import smollm2_gguf
+from moeflow.errors import MoeflowError
 from moeflow.layers.moe import MoEBlock
 
 
@@ -51,7 +52,10 @@ def main() -> None:
     ap.add_argument("--path", choices=["mlp", "moe-layer"], default="mlp")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    llm = LLM(str(smollm2_gguf()) if a.model == "dense" else a.model, dtype=a.dtype)
+    try:
+        llm = LLM(str(smollm2_gguf()) if a.model == "dense" else a.model, dtype=a.dtype)
+    except MoeflowError as e:  # a wrong path, a broken checkpoint: one line, not a traceback
+        raise SystemExit(f"bench_mlp_decode: {e}") from None
     sp = SamplingParams(max_tokens=a.tokens, temperature=0.0, seed=0, ignore_eos=True)
     prompt = "The history of the city begins"
     paths = patches(a.path)
